@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-ImageInput = Union[Image.Image, np.ndarray, torch.Tensor]
+ImageInput = Union[Image.Image, np.ndarray, torch.Tensor]  # noqa: UP007 (runtime alias, py3.10)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -56,10 +56,14 @@ def to_pil_images(images: ImageInput | Sequence[ImageInput]) -> list[Image.Image
         if t.ndim == 3:
             t = t.unsqueeze(0)
         if t.ndim != 4 or t.shape[1] not in (1, 3, 4):
-            raise ValueError(f"Expected a torch image tensor shaped [B, C, H, W] with C in (1, 3, 4), got {tuple(images.shape)}.")
+            raise ValueError(
+                f"Expected a torch image tensor shaped [B, C, H, W] with C in (1, 3, 4), got {tuple(images.shape)}."
+            )
         t = t.float().cpu()
         if t.numel() and (t.min() < -1e-3 or t.max() > 1 + 1e-3):
-            raise ValueError("Torch image tensors must hold values in [0, 1]; rescale (x + 1) / 2 for [-1, 1] data.")
+            raise ValueError(
+                "Torch image tensors must hold values in [0, 1]; rescale (x + 1) / 2 for [-1, 1] data."
+            )
         arr = (t.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         return [_array_to_pil(a) for a in arr]
     if isinstance(images, np.ndarray):
@@ -71,7 +75,9 @@ def to_pil_images(images: ImageInput | Sequence[ImageInput]) -> list[Image.Image
         for item in images:
             out.extend(to_pil_images(item))
         return out
-    raise TypeError(f"Unsupported image type {type(images).__name__}: pass PIL images, numpy arrays or torch tensors.")
+    raise TypeError(
+        f"Unsupported image type {type(images).__name__}: pass PIL images, numpy arrays or torch tensors."
+    )
 
 
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
@@ -91,10 +97,18 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     """Sorted image files (by extension) directly inside ``folder``; hidden files are ignored."""
     path = Path(folder)
     if not path.exists():
-        raise FileNotFoundError(f"Image folder {str(path)!r} does not exist: pass a folder of 3-6 photos of the subject.")
+        raise FileNotFoundError(
+            f"Image folder {str(path)!r} does not exist: pass a folder of 3-6 photos of the subject."
+        )
     if not path.is_dir():
-        raise NotADirectoryError(f"{str(path)!r} is not a folder: pass the folder that holds the subject's photos.")
-    return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+        raise NotADirectoryError(
+            f"{str(path)!r} is not a folder: pass the folder that holds the subject's photos."
+        )
+    return sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -107,7 +121,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             im.load()
             return to_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"Cannot read image {str(p)!r} ({err}): it is corrupt or not an image; replace or remove it.") from err
+        raise ValueError(
+            f"Cannot read image {str(p)!r} ({err}): it is corrupt or not an image; replace or remove it."
+        ) from err
 
 
 def load_image_folder(
@@ -137,7 +153,9 @@ def load_image_folder(
                 raise
             logger.warning("Skipping unreadable image %s", f)
     if len(images) < min_images:
-        raise ValueError(f"Only {len(images)} readable image(s) in {str(folder)!r}; at least {min_images} needed.")
+        raise ValueError(
+            f"Only {len(images)} readable image(s) in {str(folder)!r}; at least {min_images} needed."
+        )
     return images
 
 

@@ -37,7 +37,9 @@ def preference_margin(
     d > 0 means the trained model improved more on the reference image than on the generated one,
     i.e. it implicitly prefers the reference.
     """
-    return (ref_error_on_reference - model_error_on_reference) - (ref_error_on_generated - model_error_on_generated)
+    return (ref_error_on_reference - model_error_on_reference) - (
+        ref_error_on_generated - model_error_on_generated
+    )
 
 
 def preference_loss(margin: torch.Tensor, labels: torch.Tensor, beta: float = 1.0) -> torch.Tensor:

@@ -18,7 +18,9 @@ def bradley_terry_probability(reward_reference: torch.Tensor, reward_generated: 
     return torch.sigmoid(torch.as_tensor(reward_reference) - torch.as_tensor(reward_generated))
 
 
-def sample_preference_labels(probability: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_preference_labels(
+    probability: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Draw y ~ Bernoulli(p) (1.0 = reference preferred) with an optional seeded generator."""
     p = torch.as_tensor(probability, dtype=torch.float64)
     if torch.any((p < 0) | (p > 1)) or torch.any(torch.isnan(p)):
@@ -67,7 +69,9 @@ def epoch_pairs(
     if gen_rewards.numel() != num_gen:
         raise ValueError("generated_rewards and generated_prompt_indices must have the same length.")
     if ref_rewards.ndim != 2 or ref_rewards.shape[0] == 0:
-        raise ValueError("reference_rewards must be [num_references, num_prompts] with at least one reference.")
+        raise ValueError(
+            "reference_rewards must be [num_references, num_prompts] with at least one reference."
+        )
     if num_gen and int(prompt_idx.max()) >= ref_rewards.shape[1]:
         raise ValueError("a generated image refers to a prompt with no reference reward.")
     gen = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))

@@ -128,7 +128,9 @@ def test_rpo_loss_total_and_gradients():
     e_ref_ref = torch.tensor([0.4, 0.5])
     e_ref_gen = torch.tensor([0.45, 0.25])
     y = torch.tensor([1.0, 0.0])
-    total, parts = rpo_loss(e_theta_ref, e_ref_ref, e_theta_gen, e_ref_gen, y, beta=1.0, preference_weight=0.5)
+    total, parts = rpo_loss(
+        e_theta_ref, e_ref_ref, e_theta_gen, e_ref_gen, y, beta=1.0, preference_weight=0.5
+    )
     d = (e_ref_ref - e_theta_ref) - (e_ref_gen - e_theta_gen)
     lp = -(y * torch.log(torch.sigmoid(d)) + (1 - y) * torch.log(torch.sigmoid(-d))).mean()
     assert total.item() == pytest.approx((e_theta_ref.mean() + 0.5 * lp).item(), rel=1e-6)

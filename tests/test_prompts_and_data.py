@@ -72,7 +72,7 @@ def test_image_modes_are_normalised_to_rgb(tmp_path):
     im = Image.new("RGB", (10, 4), (0, 128, 0))
     exif = im.getexif()
     exif[0x0112] = 6
-    p = _save(im, tmp_path / "rot.jpg", exif=exif)
+    _save(im, tmp_path / "rot.jpg", exif=exif)
     (tmp_path / "notes.txt").write_text("not an image")
     loaded = load_image_folder(tmp_path)
     assert len(loaded) == 1 and loaded[0].size == (4, 10)

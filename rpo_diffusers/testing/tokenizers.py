@@ -61,7 +61,9 @@ def write_clip_tokenizer(
             add(b)
             add(a + b)
     (out / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8")
+    (out / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8"
+    )
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": model_max_length,
