@@ -1,0 +1,101 @@
+"""A tiny, randomly initialised Stable Diffusion pipeline built from configs (no download)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .tokenizers import DEFAULT_WORDS, write_clip_tokenizer
+
+
+def build_tiny_pipeline(
+    directory: str | os.PathLike,
+    prediction_type: str = "epsilon",
+    sample_size: int = 32,
+    words: Iterable[str] = DEFAULT_WORDS,
+    seed: int = 0,
+):
+    """Build and save a tiny ``StableDiffusionPipeline`` that loads with ``from_pretrained(directory)``.
+
+    Args:
+        directory: where to save it.
+        prediction_type: ``"epsilon"`` (SD 1.x) or ``"v_prediction"`` (SD 2.x).
+        sample_size: image resolution in pixels (the VAE downsamples by 2, so latents are ``sample_size // 2``).
+        words: vocabulary for the CLIP tokenizer (the identifier should be one of them).
+        seed: initialisation seed.
+
+    Returns:
+        The pipeline (already saved).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tok_dir = write_clip_tokenizer(out / "_tokenizer_src", words)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=32,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=sample_size // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    for f in (out / "_tokenizer_src").iterdir():
+        f.unlink()
+    (out / "_tokenizer_src").rmdir()
+    return pipe
