@@ -6,7 +6,16 @@ encoder (ALIGN, CLIP, SigLIP) to compute ALIGN-I and ALIGN-T for images.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
+import torch.nn.functional as F
+
+from .data import ImageInput, to_pil_images
+from .prompts import DEFAULT_IDENTIFIER, strip_identifier
 
 EPS = 1e-8
 
@@ -45,3 +54,256 @@ def lambda_harmonic(image_alignment, text_alignment, lambda_: float = 0.5, eps: 
         return float(out) if out.ndim == 0 else out
     ref = image_alignment if isinstance(image_alignment, torch.Tensor) else text_alignment
     return out.to(ref.dtype if ref.is_floating_point() else torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The scorer: an image-text dual encoder (ALIGN / CLIP / SigLIP) turned into ALIGN-I, ALIGN-T and r_λ.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreResult:
+    """Per-image scores. All tensors are 1-D float32 on the CPU, one entry per image."""
+
+    image_alignment: torch.Tensor
+    text_alignment: torch.Tensor
+    reward: torch.Tensor
+    lambda_: float
+    prompts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.reward.numel())
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One dict per image (for tables, JSON and CSV)."""
+        return [
+            {
+                "prompt": self.prompts[i] if i < len(self.prompts) else "",
+                "align_i": float(self.image_alignment[i]),
+                "align_t": float(self.text_alignment[i]),
+                "reward": float(self.reward[i]),
+            }
+            for i in range(len(self))
+        ]
+
+
+def model_output_features(output: Any) -> torch.Tensor:
+    """Features from ``get_image_features``/``get_text_features`` across transformers versions.
+
+    transformers < 5 returns a tensor; 5.x returns a ``BaseModelOutputWithPooling`` whose ``pooler_output``
+    holds the projected features.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is None:
+        raise TypeError(f"Cannot read features from {type(output).__name__}: no pooler_output.")
+    return pooled
+
+
+def check_model_path(name_or_path: str | os.PathLike) -> str:
+    """Fail early, naming the path, when a local-looking model path does not exist.
+
+    A hub id (``org/name``) is passed through unchanged; a string that exists, starts with ``.``, ``/`` or
+    ``~``, or has more than one separator is treated as a local path.
+    """
+    text = os.fspath(name_or_path)
+    expanded = os.path.expanduser(text)
+    if os.path.exists(expanded):
+        return expanded
+    looks_local = (
+        text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text or text.count("/") == 0
+    )
+    if looks_local:
+        raise FileNotFoundError(
+            f"Model path {text!r} does not exist. Pass a local folder saved with save_pretrained() "
+            "or a Hugging Face Hub id such as 'kakaobrain/align-base'."
+        )
+    return text
+
+
+def load_dual_encoder(name_or_path: str | os.PathLike, **kwargs: Any):
+    """Load a transformers image-text dual encoder and its processor (same path for hub ids and folders)."""
+    from transformers import AutoModel, AutoProcessor
+
+    path = check_model_path(name_or_path)
+    model = AutoModel.from_pretrained(path, **kwargs)
+    if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+        raise ValueError(
+            f"{path!r} holds a {type(model).__name__}, which has no image and text towers. "
+            "The λ-harmonic scorer needs a dual encoder such as AlignModel, CLIPModel or SiglipModel."
+        )
+    processor = AutoProcessor.from_pretrained(path)
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise ValueError(f"{path!r} has no processor with both an image processor and a tokenizer.")
+    return model.eval(), processor
+
+
+class LambdaHarmonicScorer:
+    """Scores images with the λ-harmonic reward of an image-text dual encoder (ALIGN, CLIP, SigLIP).
+
+    ALIGN-I is the mean over references of (cos + 1) / 2 between image features, ALIGN-T is
+    (cos + 1) / 2 between the image and its prompt with the identifier removed, and the reward is
+    their λ-weighted harmonic mean. Reference features are cached by ``set_reference_images`` and text
+    features by prompt, since training scores the same references and prompts over and over.
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        lambda_: float = 0.5,
+        identifier: str = DEFAULT_IDENTIFIER,
+        batch_size: int = 16,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.lambda_ = check_lambda(lambda_)
+        self.identifier = identifier
+        self.batch_size = int(batch_size)
+        self.model = model.eval().requires_grad_(False)
+        self.processor = processor
+        self._text_padding = "max_length" if "siglip" in type(model).__name__.lower() else True
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._reference_features: torch.Tensor | None = None
+        self.to(device or "cpu", dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike = "kakaobrain/align-base",
+        lambda_: float = 0.5,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        batch_size: int = 16,
+        identifier: str = DEFAULT_IDENTIFIER,
+        **load_kwargs: Any,
+    ) -> LambdaHarmonicScorer:
+        """Load from a hub id or a local folder (ALIGN by default; CLIP and SigLIP work the same)."""
+        check_lambda(lambda_)
+        model, processor = load_dual_encoder(name_or_path, **load_kwargs)
+        return cls(
+            model,
+            processor,
+            lambda_=lambda_,
+            identifier=identifier,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+        )
+
+    # -- device handling ---------------------------------------------------------------------------
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> LambdaHarmonicScorer:
+        """Move the model; cached features are kept in float32 and moved along."""
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        elif not hasattr(self, "dtype"):
+            self.dtype = next(self.model.parameters()).dtype
+        self.model.to(device=self.device, dtype=self.dtype)
+        self._text_cache = {k: v.to(self.device) for k, v in self._text_cache.items()}
+        if self._reference_features is not None:
+            self._reference_features = self._reference_features.to(self.device)
+        return self
+
+    # -- embeddings ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """L2-normalised image features ``[N, D]`` (float32, on the scorer's device)."""
+        pils = to_pil_images(images)
+        if not pils:
+            raise ValueError("No images to embed.")
+        feats = []
+        for start in range(0, len(pils), self.batch_size):
+            batch = self.processor.image_processor(
+                images=pils[start : start + self.batch_size], return_tensors="pt"
+            )
+            pixel_values = batch["pixel_values"].to(self.device, self.dtype)
+            feats.append(
+                model_output_features(self.model.get_image_features(pixel_values=pixel_values)).float()
+            )
+        return F.normalize(torch.cat(feats), dim=-1)
+
+    @torch.inference_mode()
+    def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text features ``[N, D]`` of the prompts with the identifier stripped (cached)."""
+        stripped = [strip_identifier(p, self.identifier) for p in prompts]
+        missing = [p for p in dict.fromkeys(stripped) if p not in self._text_cache]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            tok = self.processor.tokenizer(
+                chunk, padding=self._text_padding, truncation=True, return_tensors="pt"
+            )
+            tok = {
+                k: v.to(self.device)
+                for k, v in tok.items()
+                if k in ("input_ids", "attention_mask", "token_type_ids")
+            }
+            if self._text_padding == "max_length":
+                tok.pop("attention_mask", None)  # SigLIP is trained without a text attention mask
+            feats = F.normalize(model_output_features(self.model.get_text_features(**tok)).float(), dim=-1)
+            self._text_cache.update(zip(chunk, feats))
+        return torch.stack([self._text_cache[p] for p in stripped])
+
+    def set_reference_images(self, images: ImageInput | Sequence[ImageInput]) -> None:
+        """Embed the subject's reference images once; later ``score`` calls reuse them."""
+        self._reference_features = self.embed_images(images)
+
+    @property
+    def has_reference_images(self) -> bool:
+        return self._reference_features is not None
+
+    # -- scoring -------------------------------------------------------------------------------------
+    def score(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompts: str | Sequence[str],
+        reference_images: ImageInput | Sequence[ImageInput] | None = None,
+        lambda_: float | None = None,
+    ) -> ScoreResult:
+        """ALIGN-I, ALIGN-T and r_λ for each image under its prompt (identifier stripped)."""
+        lam = self.lambda_ if lambda_ is None else check_lambda(lambda_)
+        if reference_images is not None:
+            refs = self.embed_images(reference_images)
+        elif self._reference_features is not None:
+            refs = self._reference_features
+        else:
+            raise ValueError(
+                "No reference images: call scorer.set_reference_images(images) once, or pass reference_images=."
+            )
+        image_feats = self.embed_images(images)
+        n = image_feats.shape[0]
+        prompt_list = [prompts] * n if isinstance(prompts, str) else list(prompts)
+        if len(prompt_list) != n:
+            raise ValueError(
+                f"Got {n} images but {len(prompt_list)} prompts: pass one prompt per image or a single string."
+            )
+        text_feats = self.embed_texts(prompt_list)
+        image_alignment = cosine_to_unit(image_feats @ refs.T).mean(dim=1)
+        text_alignment = cosine_to_unit((image_feats * text_feats).sum(dim=-1))
+        reward = lambda_harmonic(image_alignment, text_alignment, lam)
+        return ScoreResult(
+            image_alignment=image_alignment.float().cpu(),
+            text_alignment=text_alignment.float().cpu(),
+            reward=reward.float().cpu(),
+            lambda_=lam,
+            prompts=[strip_identifier(p, self.identifier) for p in prompt_list],
+        )
+
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput], prompts: str | Sequence[str], metadata: Any = None
+    ) -> tuple[list[float], dict[str, Any]]:
+        """TRL-style reward function: ``(rewards, info)``; ``metadata`` may carry ``reference_images``/``lambda_``."""
+        meta = metadata if isinstance(metadata, dict) else {}
+        result = self.score(images, prompts, meta.get("reference_images"), meta.get("lambda_"))
+        info = {
+            "align_i": result.image_alignment.tolist(),
+            "align_t": result.text_alignment.tolist(),
+            "lambda": result.lambda_,
+        }
+        return result.reward.tolist(), info
