@@ -28,3 +28,36 @@ def dreambench_dir() -> Path:
     if not (DREAMBENCH / "prompts_and_classes.txt").exists():
         pytest.skip("../shared/dreambench is not present")
     return DREAMBENCH
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random ALIGN, CLIP and SigLIP dual encoders saved to disk (loaded back via from_pretrained)."""
+    from rpo_diffusers.testing.tiny_scorers import FAMILIES, build_tiny_scorer
+
+    root = tmp_path_factory.mktemp("scorers")
+    return {family: build_tiny_scorer(root / family, family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory) -> Path:
+    from rpo_diffusers.testing.tiny_scorers import build_tiny_vit
+
+    return build_tiny_vit(tmp_path_factory.mktemp("vit") / "vit")
+
+
+@pytest.fixture(scope="session")
+def sample_images():
+    """Six distinct real RGB PIL images (smooth gradients and shapes, different sizes)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    images = []
+    for i in range(6):
+        w, h = 40 + 4 * i, 36 + 2 * i
+        yy, xx = np.mgrid[0:h, 0:w]
+        arr = np.stack([(xx * (3 + i)) % 256, (yy * (5 + 2 * i)) % 256, ((xx + yy) * 7 * (i + 1)) % 256], -1)
+        im = Image.fromarray(arr.astype("uint8"))
+        ImageDraw.Draw(im).ellipse((5 + i, 5, 25 + i, 20 + i), fill=(255 - 30 * i, 40 * i, 120))
+        images.append(im)
+    return images
