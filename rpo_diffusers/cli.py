@@ -1,0 +1,189 @@
+"""The ``rpo-diffusers`` command: ``score``, ``evaluate`` and ``demo``.
+
+Thin argument parsing only; the work is done by ``rewards``, ``metrics`` and ``demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .data import list_image_files, load_image, load_image_folder
+from .prompts import DEFAULT_IDENTIFIER
+
+
+def _print_table(rows: list[dict], columns: Sequence[str], file=sys.stdout) -> None:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns), file=file)
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "")).ljust(widths[c]) for c in columns), file=file)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .rewards import LambdaHarmonicScorer
+
+    refs = load_image_folder(args.references)
+    files = list_image_files(args.images)
+    if not files:
+        raise SystemExit(f"No images found in {args.images!r}.")
+    scorer = LambdaHarmonicScorer.from_pretrained(
+        args.model,
+        lambda_=args.lambda_,
+        device=args.device,
+        batch_size=args.batch_size,
+        identifier=args.identifier,
+    )
+    scorer.set_reference_images(refs)
+    result = scorer.score([load_image(f) for f in files], args.prompt)
+    rows = [
+        {"image": f.name, **{k: v for k, v in r.items() if k != "prompt"}}
+        for f, r in zip(files, result.to_rows())
+    ]
+    rows.append(
+        {
+            "image": "mean",
+            "align_i": float(result.image_alignment.mean()),
+            "align_t": float(result.text_alignment.mean()),
+            "reward": float(result.reward.mean()),
+        }
+    )
+    print(f"prompt (identifier removed): {result.prompts[0]!r}   λ = {result.lambda_}")
+    _print_table(rows, ["image", "align_i", "align_t", "reward"])
+    if args.output:
+        Path(args.output).write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    return 0
+
+
+def _prompt_folders(subject_dir: Path) -> dict[str, list[Path]]:
+    """``<subject>/<prompt>/*.png``; the prompt is ``prompt.txt`` when present, else the folder name."""
+    out: dict[str, list[Path]] = {}
+    for d in sorted(p for p in subject_dir.iterdir() if p.is_dir()):
+        files = list_image_files(d)
+        if not files:
+            continue
+        txt = d / "prompt.txt"
+        prompt = txt.read_text(encoding="utf-8").strip() if txt.exists() else d.name.replace("_", " ")
+        out[prompt] = files
+    return out
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .metrics import DreamBenchEvaluator, mean_scores
+
+    images_root, refs_root = Path(args.images), Path(args.references)
+    subjects = sorted(p.name for p in images_root.iterdir() if p.is_dir()) if images_root.is_dir() else []
+    if args.subjects:
+        subjects = [s for s in subjects if s in set(args.subjects)]
+    if not subjects:
+        raise SystemExit(
+            f"No subject folders found in {str(images_root)!r}: expected IMAGES/<subject>/<prompt>/*.png."
+        )
+    evaluator = DreamBenchEvaluator.from_pretrained(
+        dino=args.dino_model, clip=args.clip_model, identifier=args.identifier, device=args.device
+    )
+    results, baselines = [], []
+    for subject in tqdm(subjects, desc="subjects"):
+        refs = load_image_folder(refs_root / subject)
+        by_prompt = {
+            p: [load_image(f) for f in fs] for p, fs in _prompt_folders(images_root / subject).items()
+        }
+        if not by_prompt:
+            raise SystemExit(f"No prompt folders with images under {str(images_root / subject)!r}.")
+        results.append(evaluator.evaluate_subject(by_prompt, refs, subject=subject))
+        if len(refs) > 1:
+            baselines.append(evaluator.reference_baseline(refs))
+    rows = [{"subject": r.subject, "dino": r.dino, "clip_i": r.clip_i, "clip_t": r.clip_t} for r in results]
+    overall = {"subject": "mean", **mean_scores(results)}
+    rows.append(overall)
+    if baselines:
+        rows.append(
+            {
+                "subject": "reference images",
+                "dino": sum(b["dino"] for b in baselines) / len(baselines),
+                "clip_i": sum(b["clip_i"] for b in baselines) / len(baselines),
+                "clip_t": "",
+            }
+        )
+    _print_table(rows, ["subject", "dino", "clip_i", "clip_t"])
+    out = Path(args.output_dir or images_root)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dreambench_metrics.json").write_text(
+        json.dumps({"overall": overall, "subjects": [r.to_dict() for r in results], "table": rows}, indent=2),
+        encoding="utf-8",
+    )
+    per_prompt = [{"subject": r.subject, **p.__dict__} for r in results for p in r.prompts]
+    _write_csv(out / "dreambench_metrics.csv", per_prompt)
+    print(f"wrote {out / 'dreambench_metrics.json'} and {out / 'dreambench_metrics.csv'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import add_demo_arguments
+
+    parser = argparse.ArgumentParser(prog="rpo-diffusers", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="λ-harmonic reward of a folder of images against reference photos")
+    p.add_argument("--references", required=True, help="folder with the subject's reference photos")
+    p.add_argument("--images", required=True, help="folder with the images to score")
+    p.add_argument("--prompt", required=True, help='prompt with the identifier, e.g. "a sks dog on the Moon"')
+    p.add_argument("--lambda", dest="lambda_", type=float, default=0.5, help="λ in [0, 1] (default 0.5)")
+    p.add_argument(
+        "--model", default="kakaobrain/align-base", help="ALIGN/CLIP/SigLIP hub id or local folder"
+    )
+    p.add_argument(
+        "--identifier", default=DEFAULT_IDENTIFIER, help="identifier token removed before the text tower"
+    )
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--output", default=None, help="optional JSON file for the table")
+    p.set_defaults(func=cmd_score)
+
+    e = sub.add_parser("evaluate", help="DreamBench DINO / CLIP-I / CLIP-T of generated images")
+    e.add_argument(
+        "--images", required=True, help="IMAGES/<subject>/<prompt>/*.png (prompt.txt overrides the name)"
+    )
+    e.add_argument(
+        "--references", required=True, help="REFS/<subject>/*.jpg, e.g. the DreamBench dataset folder"
+    )
+    e.add_argument("--subjects", nargs="*", default=None, help="only these subjects")
+    e.add_argument("--dino_model", default="facebook/dino-vits16")
+    e.add_argument("--clip_model", default="openai/clip-vit-base-patch16")
+    e.add_argument("--identifier", default=DEFAULT_IDENTIFIER)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--output_dir", default=None, help="where to write JSON and CSV (default: --images)")
+    e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("demo", help="run RPO on the bundled default subject and models (no download)")
+    add_demo_arguments(d)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""The model access the RPO loop needs, behind one small interface.
+
+``RPOTrainer`` never touches a pipeline directly: it asks a :class:`DiffusionComponents` to encode prompts
+and images, to run the denoiser (trained and reference), to sample images and to export. A diffusers
+``StableDiffusionPipeline`` is one adapter (:class:`DiffusersComponents`); ComfyUI's MODEL/CLIP/VAE is
+another (in ``comfyui_nodes``). Both feed the same loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+
+class Denoiser(nn.Module):
+    """Uniform call signature ``denoiser(noisy_latents, timesteps, conditioning) -> prediction``.
+
+    Wrapping the UNet lets accelerate prepare (DDP-wrap) one module whatever the backend is.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=conditioning, return_dict=False)[0]
+
+
+class DiffusionComponents(ABC):
+    """What the RPO loop needs from a text-to-image diffusion model.
+
+    Attributes:
+        denoiser: the trained module, called as ``denoiser(latents, t, conditioning)``.
+        noise_scheduler: a training scheduler with ``add_noise``, ``get_velocity`` and a ``config`` holding
+            ``num_train_timesteps`` and ``prediction_type`` (diffusers' ``DDPMScheduler`` API).
+        is_lora: whether ``add_lora`` was called (adapters are trained, the base stays frozen).
+    """
+
+    denoiser: nn.Module
+    noise_scheduler: Any
+    is_lora: bool = False
+
+    @abstractmethod
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text conditioning for the denoiser, one row per prompt (no gradients)."""
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` images in [-1, 1] -> scaled latents (no gradients)."""
+
+    @abstractmethod
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        num_inference_steps: int,
+        guidance_scale: float,
+        resolution: int,
+    ) -> list[Image.Image]:
+        """One image per (prompt, seed) with the *current* weights."""
+
+    @abstractmethod
+    def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str]) -> None:
+        """Add LoRA adapters to the denoiser and freeze everything else."""
+
+    @abstractmethod
+    @contextmanager
+    def reference_denoiser(self) -> Iterator[nn.Module]:
+        """The frozen base model as a denoiser (LoRA: the same UNet with adapters disabled)."""
+
+    @abstractmethod
+    def export(self, output_dir: str | os.PathLike, metadata: dict[str, Any]) -> dict[str, str]:
+        """Write the trained model where the front end's users load it; returns named file paths."""
+
+    # -- shared behaviour -------------------------------------------------------------------------------
+    def to(self, device: torch.device | str) -> DiffusionComponents:
+        """Move every model the loop uses to ``device``."""
+        self.denoiser.to(device)
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for memory where the backend supports it (no-op otherwise)."""
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the trained weights (the best-so-far snapshot)."""
+        return {
+            name: p.detach().to("cpu", copy=True)
+            for name, p in self.denoiser.named_parameters()
+            if p.requires_grad
+        }
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.denoiser.named_parameters())
+        missing = [k for k in state if k not in params]
+        if missing:
+            raise KeyError(f"Snapshot has weights the model lacks: {missing[:5]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def _sampling_scheduler(pipeline, name: str | None):
+    if not name:
+        return pipeline.scheduler
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(
+            f"Unknown diffusers scheduler {name!r} (e.g. 'DPMSolverMultistepScheduler', 'DDIMScheduler')."
+        )
+    return cls.from_config(pipeline.scheduler.config)
+
+
+class DiffusersComponents(DiffusionComponents):
+    """Adapter over a diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x, ε- or v-prediction)."""
+
+    def __init__(
+        self, pipeline, sampling_scheduler: str | None = None, weight_dtype: torch.dtype = torch.float32
+    ):
+        from diffusers import DDPMScheduler
+
+        self.pipeline = pipeline
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.pipeline.scheduler = _sampling_scheduler(pipeline, sampling_scheduler)
+        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        self.weight_dtype = weight_dtype
+        unet = pipeline.unet
+        for module in (pipeline.vae, pipeline.text_encoder):
+            module.requires_grad_(False).eval()
+            if weight_dtype != torch.float32:
+                module.to(dtype=weight_dtype)
+        unet.requires_grad_(True).train()
+        self.denoiser = Denoiser(unet)
+        self._frozen_copy: Denoiser | None = None
+        self.is_lora = False
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> DiffusersComponents:
+        """Load a ``StableDiffusionPipeline`` from a hub id or a local folder."""
+        from diffusers import StableDiffusionPipeline
+
+        path = os.fspath(name_or_path)
+        if (
+            path.startswith((".", "/", "~")) or os.sep in path.strip("/").replace("/", "", 1)
+        ) and not os.path.exists(os.path.expanduser(path)):
+            raise FileNotFoundError(
+                f"Model path {path!r} does not exist: pass a diffusers pipeline folder or a hub id such as "
+                "'stable-diffusion-v1-5/stable-diffusion-v1-5'."
+            )
+        dtype = kwargs.pop("torch_dtype", None)
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            os.path.expanduser(path), safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
+        )
+        return cls(pipeline, **kwargs)
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.pipeline.unet
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+
+    def to(self, device: torch.device | str) -> DiffusersComponents:
+        self.pipeline.to(device)
+        if self._frozen_copy is not None:
+            self._frozen_copy.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        embeds, _ = self.pipeline.encode_prompt(
+            list(prompts), self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return embeds
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        latents = dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def generate(self, prompts, seeds, num_inference_steps, guidance_scale, resolution) -> list[Image.Image]:
+        if len(prompts) != len(seeds):
+            raise ValueError("generate() needs one seed per prompt.")
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+            # Sample the initial noise on the CPU so images do not depend on the device.
+            latents = torch.stack(
+                [
+                    torch.randn(
+                        (
+                            self.unet.config.in_channels,
+                            resolution // self.pipeline.vae_scale_factor,
+                            resolution // self.pipeline.vae_scale_factor,
+                        ),
+                        generator=g,
+                    )
+                    for g in generators
+                ]
+            ).to(self.device, self.unet.dtype)
+            out = self.pipeline(
+                list(prompts),
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=resolution,
+                width=resolution,
+                latents=latents,
+                generator=generators,
+                output_type="pil",
+            )
+        finally:
+            self.unet.train(was_training)
+        return list(out.images)
+
+    def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str]) -> None:
+        from peft import LoraConfig
+
+        unet = self.unet
+        unet.requires_grad_(False)
+        if self.weight_dtype != torch.float32:
+            unet.to(dtype=self.weight_dtype)
+        unet.add_adapter(
+            LoraConfig(
+                r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules)
+            )
+        )
+        # Trainable LoRA weights stay in fp32 even when the frozen base runs in fp16/bf16.
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        self.is_lora = True
+        self.lora_rank, self.lora_alpha, self.lora_targets = rank, alpha, list(target_modules)
+
+    @contextmanager
+    def reference_denoiser(self) -> Iterator[nn.Module]:
+        if self.is_lora:
+            self.unet.disable_adapters()
+            try:
+                yield self.denoiser
+            finally:
+                self.unet.enable_adapters()
+            return
+        if self._frozen_copy is None:
+            self._frozen_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        yield self._frozen_copy
+
+    def export(self, output_dir: str | os.PathLike, metadata: dict[str, Any]) -> dict[str, str]:
+        from . import export
+
+        out = Path(output_dir)
+        if self.is_lora:
+            return export.save_lora_model(self.pipeline, self.unet, out, lora_alpha=self.lora_alpha)
+        return export.save_full_model(self.pipeline, out, unet=self.unet)

@@ -1,0 +1,360 @@
+"""Writing results where users load them: diffusers folders, LoRA (diffusers + kohya), model card, Hub.
+
+Every writer goes through :func:`atomic_output_dir`, so a crash or a full disk in the middle of a save
+never leaves a half-written model where a good one was.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FULL_UNET_FILENAME = "rpo_unet.safetensors"
+LORA_DIFFUSERS_FILENAME = "pytorch_lora_weights.safetensors"
+LORA_KOHYA_FILENAME = "rpo_lora_kohya.safetensors"
+SAFE_SUFFIXES = (".safetensors",)
+
+
+class ExportError(RuntimeError):
+    """A save failed; the message says what is left on disk."""
+
+
+@contextmanager
+def atomic_output_dir(final_dir: str | os.PathLike, merge: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside ``final_dir``; on success its content replaces the old output.
+
+    ``merge=False``: the temp folder replaces ``final_dir`` in one rename. ``merge=True``: ``final_dir`` keeps
+    unrelated content (checkpoints, logs) and each top-level entry written here replaces its namesake in one
+    rename. On any exception the temp folder is removed and ``final_dir`` is left exactly as it was; an
+    OSError such as a full disk is re-raised as :class:`ExportError` saying the previous output is intact.
+    """
+    final = Path(final_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+        raise ExportError(
+            f"Saving to {str(final)!r} failed ({reason}); the previous content there is intact."
+        ) from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if merge and final.is_dir():
+        for entry in sorted(tmp.iterdir()):
+            _replace(entry, final / entry.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        _replace(tmp, final)
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing it; the old ``dst`` is moved aside first and restored on failure."""
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    if dst.exists():
+        os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except OSError:
+        if old.exists():
+            os.replace(old, dst)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists():
+        old.unlink()
+
+
+def atomic_save_file(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """``safetensors.save_file`` to a temp name, then ``os.replace``: readers never see half a file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+        raise ExportError(
+            f"Writing {str(target)!r} failed ({reason}); any previous file there is intact."
+        ) from err
+    return target
+
+
+def load_safetensors_only(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load weights from a ``.safetensors`` file; refuse pickle formats (.bin/.pt/.ckpt) from untrusted paths."""
+    p = Path(path)
+    if p.suffix.lower() not in SAFE_SUFFIXES:
+        raise ValueError(
+            f"Refusing to load {str(p)!r}: only .safetensors files are loaded (pickle formats such as .bin, .pt and "
+            ".ckpt can run code). Convert it with safetensors first."
+        )
+    if not p.is_file():
+        raise FileNotFoundError(f"Weights file {str(p)!r} does not exist.")
+    return load_file(str(p))
+
+
+# --------------------------------------------------------------------------------------------------
+# Full fine-tuning
+# --------------------------------------------------------------------------------------------------
+
+
+def save_full_model(pipeline, output_dir: str | os.PathLike, unet=None) -> dict[str, str]:
+    """A ``from_pretrained``-loadable pipeline folder plus the UNet as one diffusers-format file.
+
+    ``rpo_unet.safetensors`` is what ComfyUI's UNETLoader takes from ``models/diffusion_models``.
+    """
+    if unet is not None and unet is not pipeline.unet:
+        pipeline.unet = unet
+    out = Path(output_dir)
+    with atomic_output_dir(out, merge=True) as tmp:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        atomic_save_file(
+            pipeline.unet.state_dict(), tmp / FULL_UNET_FILENAME, metadata={"format": "diffusers-unet"}
+        )
+    return {"pipeline": str(out), "unet": str(out / FULL_UNET_FILENAME)}
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------------------
+
+
+def peft_to_kohya_state_dict(
+    peft_state_dict: Mapping[str, torch.Tensor],
+    alpha: float,
+    prefix: str = "lora_unet",
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """PEFT LoRA weights (``<module>.lora_A.weight`` / ``lora_B``) -> kohya keys ComfyUI and A1111 read.
+
+    ``<prefix>_<module path with . as _>.lora_down.weight`` (= lora_A), ``.lora_up.weight`` (= lora_B) and
+    ``.alpha`` = the real ``lora_alpha`` (diffusers' converter writes the rank there, which rescales the LoRA).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in peft_state_dict.items():
+        for peft_part, kohya_part in (
+            (".lora_A.weight", "lora_down.weight"),
+            (".lora_B.weight", "lora_up.weight"),
+        ):
+            if key.endswith(peft_part):
+                module = key[: -len(peft_part)]
+                for strip in ("base_model.model.", "unet."):
+                    module = module.removeprefix(strip)
+                name = f"{prefix}_{module.replace('.', '_')}"
+                out[f"{name}.{kohya_part}"] = value.detach().to(dtype or value.dtype).cpu().contiguous()
+                out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+                break
+        else:
+            raise ValueError(
+                f"Unexpected key {key!r} in a PEFT LoRA state dict (expected lora_A / lora_B weights)."
+            )
+    return out
+
+
+def kohya_lora_delta(kohya: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    """W_delta = (alpha / rank) * up @ down for one kohya module (how every kohya loader applies it)."""
+    down, up = kohya[f"{name}.lora_down.weight"].float(), kohya[f"{name}.lora_up.weight"].float()
+    alpha = float(kohya[f"{name}.alpha"])
+    rank = down.shape[0]
+    return (alpha / rank) * (up.flatten(1) @ down.flatten(1))
+
+
+def lora_metadata(rank: int, alpha: float, target_modules: Sequence[str]) -> dict[str, str]:
+    """Safetensors metadata in kohya's convention plus an ``rpo`` JSON entry."""
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "rpo": json.dumps({"rank": rank, "alpha": alpha, "target_modules": list(target_modules)}),
+    }
+
+
+def save_lora_model(
+    pipeline,
+    unet,
+    output_dir: str | os.PathLike,
+    lora_alpha: float | None = None,
+    kohya_dtype: torch.dtype = torch.float16,
+) -> dict[str, str]:
+    """``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out)``) + a kohya file for ComfyUI/A1111."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    config = unet.peft_config["default"]
+    alpha = float(lora_alpha if lora_alpha is not None else config.lora_alpha)
+    peft_sd = get_peft_model_state_dict(unet)
+    if not peft_sd:
+        raise ValueError("The UNet has no LoRA adapters to save: was add_lora() called?")
+    targets = (
+        sorted(config.target_modules)
+        if not isinstance(config.target_modules, str)
+        else [config.target_modules]
+    )
+    out = Path(output_dir)
+    with atomic_output_dir(out, merge=True) as tmp:
+        adapter_meta = config.to_dict()
+        adapter_meta["lora_alpha"] = alpha
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=tmp,
+            unet_lora_layers=convert_state_dict_to_diffusers(peft_sd),
+            safe_serialization=True,
+            unet_lora_adapter_metadata=adapter_meta,
+        )
+        atomic_save_file(
+            peft_to_kohya_state_dict(peft_sd, alpha, dtype=kohya_dtype),
+            tmp / LORA_KOHYA_FILENAME,
+            metadata=lora_metadata(config.r, alpha, targets),
+        )
+    return {"lora": str(out / LORA_DIFFUSERS_FILENAME), "kohya": str(out / LORA_KOHYA_FILENAME)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model card and the Hub
+# --------------------------------------------------------------------------------------------------
+
+
+def write_model_card(
+    output_dir: str | os.PathLike,
+    *,
+    base_model: str,
+    instance_prompt: str,
+    lora: bool,
+    config: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    sample_images: Sequence[str] | None = None,
+    repo_id: str | None = None,
+    best_step: int | None = None,
+    best_reward: float | None = None,
+) -> Path:
+    """A diffusers-style ``README.md`` with YAML metadata, usage, settings and the validation history."""
+    tags = [
+        "text-to-image",
+        "diffusers",
+        "stable-diffusion",
+        "rpo",
+        "dreambooth",
+        "lora" if lora else "full-finetune",
+    ]
+    meta_lines = [
+        "---",
+        f"base_model: {json.dumps(base_model)}",
+        "library_name: diffusers",
+        "license: creativeml-openrail-m",
+        f"instance_prompt: {json.dumps(instance_prompt)}",
+        "tags:",
+        *[f"- {t}" for t in tags],
+        "inference: true",
+        "---",
+    ]
+    name = repo_id or "path/to/this/folder"
+    if lora:
+        usage = (
+            "```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")\n'
+            f'pipe.load_lora_weights("{name}")\n'
+            f'image = pipe("{instance_prompt} on the beach").images[0]\n```\n\n'
+            f"ComfyUI / A1111: copy `{LORA_KOHYA_FILENAME}` to `models/loras` and use LoraLoader."
+        )
+    else:
+        usage = (
+            "```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{name}", torch_dtype=torch.float16).to("cuda")\n'
+            f'image = pipe("{instance_prompt} on the beach").images[0]\n```\n\n'
+            f"ComfyUI: copy `{FULL_UNET_FILENAME}` to `models/diffusion_models` and use UNETLoader."
+        )
+    settings = "\n".join(
+        f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |" for k, v in config.items()
+    )
+    rows = "\n".join(
+        f"| {h.get('step')} | {h.get('reward', float('nan')):.4f} | {h.get('align_i', float('nan')):.4f} | "
+        f"{h.get('align_t', float('nan')):.4f} |"
+        for h in history
+    )
+    best = (
+        f"\nThe exported weights are from step **{best_step}** (validation reward {best_reward:.4f}).\n"
+        if best_step is not None and best_reward is not None
+        else ""
+    )
+    samples = "\n".join(f"![sample]({s})" for s in (sample_images or []))
+    body = f"""
+# RPO personalization of {base_model}
+
+Trained with [rpo-diffusers](https://github.com/rpo-diffusers/rpo-diffusers): Reward Preference Optimization
+(Miao et al., NeurIPS 2024), {"LoRA" if lora else "full UNet"} fine-tuning. The subject is called with
+`{instance_prompt}`.
+{best}
+## How to use
+
+{usage}
+
+## Validation history (λ-harmonic reward)
+
+| step | reward | ALIGN-I | ALIGN-T |
+|---|---|---|---|
+{rows}
+
+{samples}
+
+## Training settings
+
+| setting | value |
+|---|---|
+{settings}
+"""
+    path = Path(output_dir) / "README.md"
+    path.write_text("\n".join(meta_lines) + "\n" + body, encoding="utf-8")
+    return path
+
+
+def push_to_hub(
+    output_dir: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload RPO personalization",
+) -> str:
+    """Create ``repo_id`` (if needed) and upload the output folder. Failures leave the local folder intact."""
+    from huggingface_hub import HfApi
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Nothing to upload: {str(folder)!r} does not exist.")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise ExportError(
+            f"Cannot push to the Hub: HF_HUB_OFFLINE is set. The local output at {str(folder)!r} is intact; "
+            f"upload it later with `huggingface-cli upload {repo_id} {folder}`."
+        )
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            commit_message=commit_message,
+            ignore_patterns=["checkpoint-*", "logs/*", ".*"],
+        )
+    except Exception as err:  # network errors, 401/403, rate limits: all leave the folder untouched
+        raise ExportError(
+            f"Pushing {str(folder)!r} to the Hub repo {repo_id!r} failed ({type(err).__name__}: {err}). "
+            f"The local output is intact; check your token (`huggingface-cli login`) and network, then retry with "
+            f"`huggingface-cli upload {repo_id} {folder}`."
+        ) from err
+    return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")

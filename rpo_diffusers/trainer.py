@@ -1,0 +1,738 @@
+"""RPOTrainer: generate -> label -> train -> validate -> select -> export, once for every front end.
+
+The loop follows DESIGN.md section 2 exactly:
+
+1. The *base* model draws ``images_per_prompt`` images for each training prompt (kept on disk, reused).
+2. The λ_train reward of every generated image under its prompt, and of every reference under every
+   prompt, gives Bradley-Terry probabilities; labels are drawn again each epoch (``preferences.epoch_pairs``).
+3. Each step optimises L_sim + w_pref L_pref (``losses.rpo_loss``) on (reference, generated) pairs.
+4. Every ``validation_steps`` the model draws the validation prompts; the mean λ_val reward picks the
+   best step (with optional patience); the best weights are exported.
+
+Model access goes through :class:`~rpo_diffusers.components.DiffusionComponents`, so the same loop trains
+a diffusers pipeline (script, Python API) and a ComfyUI checkpoint (nodes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .components import DiffusersComponents, DiffusionComponents
+from .config import RPOConfig
+from .data import images_to_tensor, load_image, load_image_folder, make_image_grid, to_pil_images
+from .export import atomic_output_dir, atomic_save_file, load_safetensors_only, write_model_card
+from .losses import denoising_error, diffusion_target, rpo_loss
+from .plots import reward_plot
+from .preferences import PreferencePair, epoch_pairs
+
+logger = logging.getLogger(__name__)
+
+TRAINING_IMAGES_DIR = "training_images"
+HISTORY_FILE = "rpo_history.json"
+PLOT_FILE = "reward_plot.png"
+STATE_FILE = "rpo_trainer_state.json"
+TRAINABLE_FILE = "trainable_weights.safetensors"
+BEST_FILE = "best_weights.safetensors"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the best model so far has been exported."""
+
+
+@dataclass
+class RPOTrainingResult:
+    """What ``RPOTrainer.train()`` returns."""
+
+    best_step: int
+    best_reward: float
+    history: list[dict[str, Any]]
+    output_dir: str
+    files: dict[str, str] = field(default_factory=dict)
+    stopped_early: bool = False
+    global_step: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingSet:
+    """Everything the loop reads each step, computed once."""
+
+    reference_latents: torch.Tensor  # [R, C, h, w]
+    generated_latents: torch.Tensor  # [N, C, h, w]
+    instance_embedding: torch.Tensor  # [1, L, D]
+    prompt_embeddings: torch.Tensor  # [P, L, D]
+    generated_prompt_indices: list[int]
+    reference_rewards: torch.Tensor  # [R, P]
+    generated_rewards: torch.Tensor  # [N]
+
+
+class RPOTrainer:
+    """Reward Preference Optimization for one subject.
+
+    Args:
+        config: the run's settings.
+        model: a :class:`DiffusionComponents`, a diffusers ``StableDiffusionPipeline``, or ``None`` to load
+            ``config.pretrained_model_name_or_path``.
+        scorer: anything with ``set_reference_images(images)`` and ``score(images, prompts, lambda_=...)``
+            returning ``.reward`` (a :class:`~rpo_diffusers.rewards.LambdaHarmonicScorer`), or ``None`` to load
+            ``config.scorer_model_name_or_path``.
+        reference_images: the subject's photos (PIL/numpy/torch) or ``None`` to read ``config.instance_data_dir``.
+        accelerator: an ``accelerate.Accelerator`` to use; by default one is built from the config.
+        callbacks: called as ``callback(event, payload)`` for ``"step"`` and ``"validation"`` events; a callback
+            may raise to stop training (ComfyUI's interrupt does), the best model so far is still exported.
+    """
+
+    def __init__(
+        self,
+        config: RPOConfig,
+        model: DiffusionComponents | Any | None = None,
+        scorer: Any | None = None,
+        reference_images: Sequence[Any] | None = None,
+        accelerator: Any | None = None,
+        callbacks: Sequence[Callable[[str, dict[str, Any]], None]] = (),
+    ) -> None:
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.callbacks = list(callbacks)
+        if reference_images is None:
+            if not config.instance_data_dir:
+                raise ValueError(
+                    "No reference images: pass reference_images= or set config.instance_data_dir."
+                )
+            reference_images = load_image_folder(config.instance_data_dir)
+        self.reference_images = to_pil_images(list(reference_images))
+        if not self.reference_images:
+            raise ValueError("reference_images is empty: RPO needs 3-6 photos of the subject.")
+        self.accelerator = accelerator or self._build_accelerator()
+        self.components = self._resolve_model(model)
+        self.scorer = scorer if scorer is not None else self._load_scorer()
+        self.history: list[dict[str, Any]] = []
+        self.best_step, self.best_reward = -1, -math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.validations_without_improvement = 0
+        self.global_step = 0
+        self.timings: dict[str, float] = {
+            "generation": 0.0,
+            "training": 0.0,
+            "validation": 0.0,
+            "export": 0.0,
+        }
+        self._pairs_cache: dict[int, list[PreferencePair]] = {}
+
+    # ---------------------------------------------------------------------------------------------
+    # set-up
+    # ---------------------------------------------------------------------------------------------
+    def _build_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        cfg = self.config
+        log_with = None if cfg.report_to in ("none", "", None) else cfg.report_to
+        if log_with == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                log_with = None
+        project = ProjectConfiguration(
+            project_dir=str(self.output_dir), logging_dir=str(self.output_dir / cfg.logging_dir)
+        )
+        return Accelerator(
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            mixed_precision=cfg.mixed_precision,
+            log_with=log_with,
+            project_config=project,
+        )
+
+    def _weight_dtype(self) -> torch.dtype:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.accelerator.mixed_precision, torch.float32
+        )
+
+    def _resolve_model(self, model) -> DiffusionComponents:
+        cfg = self.config
+        if isinstance(model, DiffusionComponents):
+            return model
+        if model is None:
+            if not cfg.pretrained_model_name_or_path:
+                raise ValueError("No model: pass model= or set config.pretrained_model_name_or_path.")
+            return DiffusersComponents.from_pretrained(
+                cfg.pretrained_model_name_or_path,
+                sampling_scheduler=cfg.sampling_scheduler,
+                weight_dtype=self._weight_dtype() if cfg.use_lora else torch.float32,
+            )
+        if hasattr(model, "unet") and hasattr(model, "vae"):
+            return DiffusersComponents(
+                model,
+                sampling_scheduler=cfg.sampling_scheduler,
+                weight_dtype=self._weight_dtype() if cfg.use_lora else torch.float32,
+            )
+        raise TypeError(
+            f"Unsupported model type {type(model).__name__}: pass a StableDiffusionPipeline or DiffusionComponents."
+        )
+
+    def _load_scorer(self):
+        from .rewards import LambdaHarmonicScorer
+
+        return LambdaHarmonicScorer.from_pretrained(
+            self.config.scorer_model_name_or_path,
+            lambda_=self.config.lambda_val,
+            device=self.accelerator.device,
+            identifier=self.config.identifier,
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _emit(self, event: str, payload: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            cb(event, payload)
+
+    # ---------------------------------------------------------------------------------------------
+    # phase 1: the base model's training images (on disk, reused on rerun)
+    # ---------------------------------------------------------------------------------------------
+    def _generation_spec(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "prompts": list(cfg.train_prompts),
+            "images_per_prompt": cfg.images_per_prompt,
+            "seed": cfg.seed,
+            "num_inference_steps": cfg.num_inference_steps,
+            "guidance_scale": cfg.guidance_scale,
+            "resolution": cfg.resolution,
+            "sampling_scheduler": cfg.sampling_scheduler,
+            "base_model": cfg.pretrained_model_name_or_path,
+        }
+
+    def generate_training_images(self) -> tuple[list[Image.Image], list[int]]:
+        """Draw (or reload) ``images_per_prompt`` base-model images per training prompt."""
+        cfg = self.config
+        folder = self.output_dir / TRAINING_IMAGES_DIR
+        manifest_path = folder / "manifest.json"
+        spec = self._generation_spec()
+        if self.is_main:
+            manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+            if (
+                manifest is None
+                or manifest.get("spec") != spec
+                or not all((folder / e["file"]).exists() for e in manifest["images"])
+            ):
+                jobs = [
+                    (p_idx, prompt, cfg.seed * 10_000 + p_idx * cfg.images_per_prompt + k)
+                    for p_idx, prompt in enumerate(cfg.train_prompts)
+                    for k in range(cfg.images_per_prompt)
+                ]
+                images: list[Image.Image] = []
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(jobs), desc="generating training images", disable=not self.is_main)
+                for start in range(0, len(jobs), cfg.generation_batch_size):
+                    chunk = jobs[start : start + cfg.generation_batch_size]
+                    images += self.components.generate(
+                        [j[1] for j in chunk],
+                        [j[2] for j in chunk],
+                        cfg.num_inference_steps,
+                        cfg.guidance_scale,
+                        cfg.resolution,
+                    )
+                    bar.update(len(chunk))
+                    self._emit("generation", {"done": len(images), "total": len(jobs)})
+                bar.close()
+                with atomic_output_dir(folder) as tmp:
+                    entries = []
+                    for i, ((p_idx, prompt, seed), im) in enumerate(zip(jobs, images)):
+                        name = f"{i:03d}_p{p_idx}_s{seed}.png"
+                        im.save(tmp / name)
+                        entries.append({"file": name, "prompt": prompt, "prompt_index": p_idx, "seed": seed})
+                    (tmp / "manifest.json").write_text(
+                        json.dumps({"spec": spec, "images": entries}, indent=2)
+                    )
+        self.accelerator.wait_for_everyone()
+        manifest = json.loads(manifest_path.read_text())
+        images = [load_image(folder / e["file"]) for e in manifest["images"]]
+        return images, [int(e["prompt_index"]) for e in manifest["images"]]
+
+    # ---------------------------------------------------------------------------------------------
+    # phase 2: rewards, latents and embeddings, computed once
+    # ---------------------------------------------------------------------------------------------
+    def prepare_training_set(self, generated: list[Image.Image], prompt_indices: list[int]) -> TrainingSet:
+        cfg = self.config
+        prompts = cfg.train_prompts
+        self.scorer.set_reference_images(self.reference_images)
+        gen_rewards = self.scorer.score(
+            generated, [prompts[i] for i in prompt_indices], lambda_=cfg.lambda_train
+        ).reward
+        ref_rewards = torch.stack(
+            [
+                self.scorer.score(
+                    self.reference_images, [p] * len(self.reference_images), lambda_=cfg.lambda_train
+                ).reward
+                for p in prompts
+            ],
+            dim=1,
+        )
+        if self.is_main:
+            self._record_training_rewards(gen_rewards, ref_rewards)
+        dev = self.accelerator.device
+        return TrainingSet(
+            reference_latents=self.components.encode_images(
+                images_to_tensor(self.reference_images, cfg.resolution).to(dev)
+            ).float(),
+            generated_latents=self.components.encode_images(
+                images_to_tensor(generated, cfg.resolution).to(dev)
+            ).float(),
+            instance_embedding=self.components.encode_prompts([cfg.instance_prompt]),
+            prompt_embeddings=self.components.encode_prompts(prompts),
+            generated_prompt_indices=list(prompt_indices),
+            reference_rewards=ref_rewards.float().cpu(),
+            generated_rewards=gen_rewards.float().cpu(),
+        )
+
+    def _record_training_rewards(self, gen_rewards: torch.Tensor, ref_rewards: torch.Tensor) -> None:
+        path = self.output_dir / TRAINING_IMAGES_DIR / "manifest.json"
+        manifest = json.loads(path.read_text())
+        for entry, r in zip(manifest["images"], gen_rewards.tolist()):
+            entry["reward"] = r
+        manifest["lambda_train"] = self.config.lambda_train
+        manifest["reference_rewards"] = ref_rewards.tolist()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, path)
+
+    def pairs_for_epoch(self, data: TrainingSet, epoch: int) -> list[PreferencePair]:
+        if epoch not in self._pairs_cache:
+            self._pairs_cache = {
+                epoch: epoch_pairs(
+                    data.generated_prompt_indices,
+                    data.reference_rewards,
+                    data.generated_rewards,
+                    epoch,
+                    self.config.seed,
+                )
+            }
+        return self._pairs_cache[epoch]
+
+    def batch_pairs(self, data: TrainingSet, step: int, micro: int) -> list[PreferencePair]:
+        """The pairs of one micro-batch on this process: a pure function of (step, micro, rank)."""
+        cfg, acc = self.config, self.accelerator
+        n = len(data.generated_prompt_indices)
+        first = (
+            (step * cfg.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index
+        ) * cfg.train_batch_size
+        out = []
+        for k in range(first, first + cfg.train_batch_size):
+            out.append(self.pairs_for_epoch(data, k // n)[k % n])
+        return out
+
+    # ---------------------------------------------------------------------------------------------
+    # phase 3: the loss of one micro-batch
+    # ---------------------------------------------------------------------------------------------
+    def compute_loss(self, model, data: TrainingSet, pairs: list[PreferencePair], generator: torch.Generator):
+        """L_sim + w_pref L_pref on a batch of (reference, generated) pairs."""
+        cfg, dev = self.config, self.accelerator.device
+        sched = self.components.noise_scheduler
+        b = len(pairs)
+        ref_idx = torch.tensor([p.reference_index for p in pairs])
+        gen_idx = torch.tensor([p.generated_index for p in pairs])
+        prompt_idx = torch.tensor([p.prompt_index for p in pairs])
+        labels = torch.tensor([p.label for p in pairs], device=dev)
+        latents = torch.cat(
+            [
+                data.reference_latents[ref_idx.to(data.reference_latents.device)],
+                data.generated_latents[gen_idx.to(data.generated_latents.device)],
+            ]
+        ).to(dev)
+        cond = torch.cat(
+            [
+                data.instance_embedding.expand(b, -1, -1),
+                data.prompt_embeddings[prompt_idx.to(data.prompt_embeddings.device)],
+            ]
+        ).to(dev)
+        # Each half draws its own timesteps and noise.
+        noise = torch.randn(latents.shape, generator=generator).to(dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (2 * b,), generator=generator).to(dev)
+        noisy = sched.add_noise(latents, noise, t)
+        target = diffusion_target(sched, latents, noise, t)
+        weight_dtype = self._weight_dtype()
+        pred = model(noisy.to(weight_dtype), t, cond.to(weight_dtype))
+        err = denoising_error(pred, target)
+        with torch.no_grad(), self.components.reference_denoiser() as reference:
+            ref_err = denoising_error(reference(noisy.to(weight_dtype), t, cond.to(weight_dtype)), target)
+        return rpo_loss(
+            err[:b],
+            ref_err[:b],
+            err[b:],
+            ref_err[b:],
+            labels,
+            beta=cfg.beta,
+            preference_weight=cfg.pref_loss_weight,
+        )
+
+    def _step_generator(self, step: int, micro: int) -> torch.Generator:
+        acc = self.accelerator
+        key = ((self.config.seed * 1_000_003 + step) * 1009 + micro) * 64 + acc.process_index
+        return torch.Generator().manual_seed(key % (2**63))
+
+    # ---------------------------------------------------------------------------------------------
+    # phase 4: validation and selection
+    # ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, step: int) -> dict[str, Any]:
+        """Mean λ_val reward of ``num_validation_images`` images per validation prompt (fixed seeds)."""
+        from accelerate.utils import broadcast_object_list
+
+        cfg = self.config
+        entry: list[Any] = [None]
+        if self.is_main:
+            t0 = time.perf_counter()
+            prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
+            seeds = [cfg.seed + 7919 * (1 + i) for i in range(len(prompts))]
+            images: list[Image.Image] = []
+            for start in range(0, len(prompts), cfg.generation_batch_size):
+                images += self.components.generate(
+                    prompts[start : start + cfg.generation_batch_size],
+                    seeds[start : start + cfg.generation_batch_size],
+                    cfg.num_inference_steps,
+                    cfg.guidance_scale,
+                    cfg.resolution,
+                )
+            scores = self.scorer.score(images, prompts, lambda_=cfg.lambda_val)
+            per_prompt = {
+                p: float(
+                    scores.reward[i * cfg.num_validation_images : (i + 1) * cfg.num_validation_images].mean()
+                )
+                for i, p in enumerate(cfg.validation_prompts)
+            }
+            entry[0] = {
+                "step": step,
+                "reward": float(scores.reward.mean()),
+                "align_i": float(scores.image_alignment.mean()),
+                "align_t": float(scores.text_alignment.mean()),
+                "per_prompt": per_prompt,
+            }
+            grid = make_image_grid(images, rows=len(cfg.validation_prompts), cols=cfg.num_validation_images)
+            val_dir = self.output_dir / "validation"
+            val_dir.mkdir(parents=True, exist_ok=True)
+            grid.save(val_dir / f"step_{step:05d}.png")
+            self._log_images(grid, step)
+            self.timings["validation"] += time.perf_counter() - t0
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(entry, from_process=0)
+        return entry[0]
+
+    def _log_images(self, grid: Image.Image, step: int) -> None:
+        import numpy as np
+
+        for tracker in getattr(self.accelerator, "trackers", []):
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(grid)]}, step=step)
+
+    def _record_validation(self, entry: dict[str, Any]) -> bool:
+        """Add a validation to the history; returns True when patience says stop."""
+        self.history.append(entry)
+        improved = entry["reward"] > self.best_reward
+        if improved:
+            self.best_step, self.best_reward = entry["step"], entry["reward"]
+            self.best_state = self.components.trainable_state_dict()
+            self.validations_without_improvement = 0
+        else:
+            self.validations_without_improvement += 1
+        self.accelerator.log(
+            {"val/reward": entry["reward"], "val/align_i": entry["align_i"], "val/align_t": entry["align_t"]},
+            step=entry["step"],
+        )
+        if self.is_main:
+            logger.info(
+                "step %d: validation reward %.4f%s",
+                entry["step"],
+                entry["reward"],
+                " (best)" if improved else "",
+            )
+        self._emit("validation", {**entry, "best_step": self.best_step, "best_reward": self.best_reward})
+        patience = self.config.patience
+        return patience is not None and self.validations_without_improvement >= patience
+
+    # ---------------------------------------------------------------------------------------------
+    # checkpoints (resumable state)
+    # ---------------------------------------------------------------------------------------------
+    def _register_checkpoint_hooks(self) -> None:
+        acc = self.accelerator
+        components = self.components
+
+        def save_hook(models, weights, output_dir):
+            if acc.is_main_process:
+                atomic_save_file(components.trainable_state_dict(), Path(output_dir) / TRAINABLE_FILE)
+            while weights:
+                weights.pop()
+
+        def load_hook(models, input_dir):
+            while models:
+                models.pop()
+            components.load_trainable_state_dict(load_safetensors_only(Path(input_dir) / TRAINABLE_FILE))
+
+        acc.register_save_state_pre_hook(save_hook)
+        acc.register_load_state_pre_hook(load_hook)
+
+    def _checkpoint_dirs(self) -> list[Path]:
+        dirs = [
+            d for d in self.output_dir.glob("checkpoint-*") if d.is_dir() and d.name.split("-")[-1].isdigit()
+        ]
+        return sorted(dirs, key=lambda d: int(d.name.split("-")[-1]))
+
+    def save_checkpoint(self) -> Path:
+        cfg, acc = self.config, self.accelerator
+        final = self.output_dir / f"checkpoint-{self.global_step}"
+        if acc.is_main_process and cfg.checkpoints_total_limit is not None:
+            existing = self._checkpoint_dirs()
+            for old in existing[: max(0, len(existing) - cfg.checkpoints_total_limit + 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+        tmp = self.output_dir / f".checkpoint-{self.global_step}.tmp"
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            state = {
+                "global_step": self.global_step,
+                "history": self.history,
+                "best_step": self.best_step,
+                "best_reward": self.best_reward,
+                "validations_without_improvement": self.validations_without_improvement,
+            }
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            if self.best_state is not None:
+                atomic_save_file(self.best_state, tmp / BEST_FILE)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        acc.wait_for_everyone()
+        return final
+
+    def _resume(self) -> None:
+        cfg = self.config
+        if not cfg.resume_from_checkpoint:
+            return
+        if cfg.resume_from_checkpoint == "latest":
+            dirs = self._checkpoint_dirs()
+            if not dirs:
+                logger.warning(
+                    "resume_from_checkpoint='latest' but no checkpoint in %s: starting fresh.",
+                    self.output_dir,
+                )
+                return
+            path = dirs[-1]
+        else:
+            path = Path(cfg.resume_from_checkpoint)
+            if not (path / STATE_FILE).exists():
+                raise FileNotFoundError(f"{str(path)!r} is not an RPO checkpoint (no {STATE_FILE}).")
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / STATE_FILE).read_text())
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        self.best_step, self.best_reward = int(state["best_step"]), float(state["best_reward"])
+        self.validations_without_improvement = int(state["validations_without_improvement"])
+        if (path / BEST_FILE).exists():
+            self.best_state = load_safetensors_only(path / BEST_FILE)
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    # ---------------------------------------------------------------------------------------------
+    # the loop
+    # ---------------------------------------------------------------------------------------------
+    def train(self) -> RPOTrainingResult:
+        from diffusers.optimization import get_scheduler
+        from tqdm.auto import tqdm
+
+        cfg, acc, comp = self.config, self.accelerator, self.components
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        comp.to(acc.device)
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)
+
+        t0 = time.perf_counter()
+        generated, prompt_indices = self.generate_training_images()
+        self.timings["generation"] = time.perf_counter() - t0
+        data = self.prepare_training_set(generated, prompt_indices)
+
+        if cfg.use_lora:
+            comp.add_lora(cfg.rank, cfg.lora_alpha, cfg.lora_target_modules)
+        if cfg.gradient_checkpointing:
+            comp.enable_gradient_checkpointing()
+        params = comp.trainable_parameters()
+        if not params:
+            raise RuntimeError("The model has no trainable parameters.")
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.adam_weight_decay,
+        )
+        lr_scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
+            num_training_steps=cfg.max_train_steps * acc.num_processes,
+        )
+        model, optimizer, lr_scheduler = acc.prepare(comp.denoiser, optimizer, lr_scheduler)
+        self._register_checkpoint_hooks()
+        self._resume()
+        if acc.is_main_process and cfg.report_to not in ("none", "", None) and acc.log_with:
+            acc.init_trackers(
+                "rpo",
+                config={
+                    k: (str(v) if isinstance(v, (list, dict)) or v is None else v)
+                    for k, v in cfg.to_dict().items()
+                },
+            )
+
+        stopped_early, error = False, None
+        try:
+            if not self.history:
+                stopped_early = self._record_validation(self.validate(0))
+            bar = tqdm(
+                total=cfg.max_train_steps,
+                initial=self.global_step,
+                desc="RPO",
+                disable=not acc.is_main_process,
+            )
+            t_train = time.perf_counter()
+            while self.global_step < cfg.max_train_steps and not stopped_early:
+                model.train()
+                logs: dict[str, float] = {}
+                for micro in range(cfg.gradient_accumulation_steps):
+                    with acc.accumulate(model):
+                        pairs = self.batch_pairs(data, self.global_step, micro)
+                        loss, parts = self.compute_loss(
+                            model, data, pairs, self._step_generator(self.global_step, micro)
+                        )
+                        bad = acc.gather(
+                            torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device)
+                        ).sum()
+                        if bad > 0:
+                            raise NonFiniteLossError(
+                                f"The loss became {loss.item()} at step {self.global_step}. Lower the learning rate "
+                                "(or use fp32 / bf16 instead of fp16); the best model so far was exported."
+                            )
+                        acc.backward(loss)
+                        if acc.sync_gradients:
+                            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    for k, v in parts.items():
+                        logs[k] = logs.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
+                self.global_step += 1
+                bar.update(1)
+                logs["lr"] = lr_scheduler.get_last_lr()[0]
+                acc.log({f"train/{k}": v for k, v in logs.items()}, step=self.global_step)
+                self._emit("step", {"step": self.global_step, "total": cfg.max_train_steps, **logs})
+                if self.global_step % cfg.validation_steps == 0 or self.global_step == cfg.max_train_steps:
+                    self.timings["training"] += time.perf_counter() - t_train
+                    stopped_early = self._record_validation(self.validate(self.global_step))
+                    t_train = time.perf_counter()
+                postfix = {
+                    "loss": logs["loss"],
+                    "sim": logs["loss_sim"],
+                    "pref": logs["loss_pref"],
+                    "acc": logs["implicit_acc"],
+                }
+                if self.history:
+                    postfix["val"] = self.history[-1]["reward"]
+                bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()})
+                if cfg.checkpointing_steps and self.global_step % cfg.checkpointing_steps == 0:
+                    self.save_checkpoint()
+            self.timings["training"] += time.perf_counter() - t_train
+            bar.close()
+        except BaseException as err:  # NaN, interrupt, callback stop: export the best so far, then re-raise
+            error = err
+        finally:
+            acc.wait_for_everyone() if error is None else None
+            files = self._finish(stopped_early)
+            acc.end_training()
+        if error is not None:
+            raise error
+        return RPOTrainingResult(
+            best_step=self.best_step,
+            best_reward=self.best_reward,
+            history=self.history,
+            output_dir=str(self.output_dir),
+            files=files,
+            stopped_early=stopped_early,
+            global_step=self.global_step,
+            timings=dict(self.timings),
+        )
+
+    # ---------------------------------------------------------------------------------------------
+    # phase 5: export the best
+    # ---------------------------------------------------------------------------------------------
+    def _finish(self, stopped_early: bool) -> dict[str, str]:
+        """Load the best weights and export them with the history, the plot and a model card."""
+        if self.best_state is None or not self.is_main:
+            return {}
+        t0 = time.perf_counter()
+        cfg = self.config
+        current = self.components.trainable_state_dict()
+        self.components.load_trainable_state_dict(self.best_state)
+        meta = {"best_step": self.best_step, "best_reward": self.best_reward}
+        files = self.components.export(self.output_dir, meta)
+        summary = {
+            "best_step": self.best_step,
+            "best_reward": self.best_reward,
+            "global_step": self.global_step,
+            "stopped_early": stopped_early,
+            "lambda_val": cfg.lambda_val,
+            "history": self.history,
+            "timings": self.timings,
+        }
+        (self.output_dir / HISTORY_FILE).write_text(json.dumps(summary, indent=2))
+        steps = [h["step"] for h in self.history]
+        reward_plot(steps, [h["reward"] for h in self.history], self.best_step).save(
+            self.output_dir / PLOT_FILE
+        )
+        samples = []
+        val_dir = self.output_dir / "validation"
+        before, after = val_dir / f"step_{0:05d}.png", val_dir / f"step_{self.best_step:05d}.png"
+        if before.exists() and after.exists():
+            b, a = Image.open(before), Image.open(after)
+            grid = Image.new("RGB", (b.width + a.width + 8, max(b.height, a.height)), "white")
+            grid.paste(b, (0, 0))
+            grid.paste(a, (b.width + 8, 0))
+            grid.save(self.output_dir / "before_after.png")
+            samples.append("before_after.png")
+        write_model_card(
+            self.output_dir,
+            base_model=str(cfg.pretrained_model_name_or_path or "unknown"),
+            instance_prompt=cfg.instance_prompt,
+            lora=cfg.use_lora,
+            config={
+                k: v for k, v in cfg.to_dict().items() if k not in ("train_prompts", "validation_prompts")
+            },
+            history=self.history,
+            sample_images=samples,
+            best_step=self.best_step,
+            best_reward=self.best_reward,
+        )
+        files.update(
+            {"history": str(self.output_dir / HISTORY_FILE), "plot": str(self.output_dir / PLOT_FILE)}
+        )
+        self.components.load_trainable_state_dict(current)
+        self.timings["export"] = time.perf_counter() - t0
+        return files
