@@ -77,32 +77,43 @@ class RPOConfig:
     learning_rate: float | None = field(
         default=None, metadata={"help": "Default 5e-6 for the full UNet, 1e-4 with LoRA."}
     )
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    adam_weight_decay: float = 1e-2
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW β1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW β2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW ε."})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
     lr_scheduler: str = field(default="constant", metadata={"help": "diffusers.optimization scheduler name."})
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    lr_warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps of the LR schedule."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clipping."})
     train_batch_size: int = field(default=1, metadata={"help": "Pairs per process per micro-batch."})
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimiser step."}
+    )
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16'."})
-    gradient_checkpointing: bool = False
-    seed: int = 0
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute UNet activations to save memory."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of generation, labels, noise and validation."})
     # --- LoRA ---------------------------------------------------------------------------------------
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the full UNet."})
     rank: int = field(default=4, metadata={"help": "LoRA rank."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; default = rank."})
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        metadata={"help": "UNet modules that get LoRA adapters."},
+    )
     # --- sampling (training images and validation) -------------------------------------------------
-    resolution: int = 512
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    resolution: int = field(default=512, metadata={"help": "Training and sampling resolution (pixels)."})
+    num_inference_steps: int = field(
+        default=50, metadata={"help": "Sampling steps for training and validation images."}
+    )
+    guidance_scale: float = field(
+        default=7.5, metadata={"help": "Classifier-free guidance scale for sampling."}
+    )
     sampling_scheduler: str | None = field(
         default=None,
         metadata={"help": "diffusers scheduler class for sampling (e.g. 'DPMSolverMultistepScheduler')."},
     )
-    generation_batch_size: int = 4
+    generation_batch_size: int = field(default=4, metadata={"help": "Images sampled per pipeline call."})
     # --- validation and early stopping -------------------------------------------------------------
     validation_steps: int = field(
         default=40, metadata={"help": "Validate every N optimiser steps (and at step 0)."}
@@ -112,18 +123,22 @@ class RPOConfig:
         default=None, metadata={"help": "Stop after this many validations without improvement (None: never)."}
     )
     # --- output ------------------------------------------------------------------------------------------
-    output_dir: str = "rpo-output"
+    output_dir: str = field(
+        default="rpo-output", metadata={"help": "Where the model, history and checkpoints go."}
+    )
     checkpointing_steps: int | None = field(
         default=None, metadata={"help": "Save a resumable state every N steps."}
     )
-    checkpoints_total_limit: int | None = None
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep at most this many checkpoints."}
+    )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' or a checkpoint folder to continue from."}
     )
     report_to: str = field(
         default="tensorboard", metadata={"help": "'tensorboard', 'wandb', 'all' or 'none'."}
     )
-    logging_dir: str = "logs"
+    logging_dir: str = field(default="logs", metadata={"help": "TensorBoard folder, relative to output_dir."})
 
     def __post_init__(self) -> None:
         if not self.class_noun or not self.class_noun.strip():

@@ -507,6 +507,7 @@ class RPOTrainer:
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every rank has written its RNG state before the folder is renamed
         if acc.is_main_process:
             state = {
                 "global_step": self.global_step,

@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Personalize Stable Diffusion on a subject with Reward Preference Optimization (RPO).
+
+    accelerate launch training_examples/train_rpo.py \\
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --instance_data_dir ./dog --class_noun dog --output_dir rpo-dog --use_lora
+
+Argument names follow diffusers' ``train_dreambooth(_lora).py`` where the meaning is the same; every
+field of :class:`rpo_diffusers.RPOConfig` is an argument (``--help`` lists them). The result loads with
+``StableDiffusionPipeline.from_pretrained(output_dir)`` (full) or ``pipe.load_lora_weights(output_dir)`` (LoRA).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from rpo_diffusers.config import RPOConfig
+
+
+@dataclass
+class ScriptArguments:
+    """Options of the script that are not training settings."""
+
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the result to the Hugging Face Hub."})
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repo id; default: the output_dir name."}
+    )
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token; default: the logged-in token."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    skip_unreadable_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip corrupt/unreadable files in --instance_data_dir with a warning instead of failing."
+        },
+    )
+
+
+def parse_args(input_args: list[str] | None = None) -> tuple[RPOConfig, ScriptArguments]:
+    parser = HfArgumentParser((RPOConfig, ScriptArguments), description=__doc__.split("\n\n")[0])
+    config, script = parser.parse_args_into_dataclasses(args=input_args)
+    if not config.pretrained_model_name_or_path:
+        parser.error(
+            "--pretrained_model_name_or_path is required (a diffusers Stable Diffusion folder or hub id)."
+        )
+    if not config.instance_data_dir:
+        parser.error("--instance_data_dir is required (a folder with 3-6 photos of the subject).")
+    return config, script
+
+
+def main(config: RPOConfig, script: ScriptArguments) -> int:
+    from rpo_diffusers.data import load_image_folder
+    from rpo_diffusers.export import push_to_hub
+    from rpo_diffusers.trainer import RPOTrainer
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    references = load_image_folder(config.instance_data_dir, skip_unreadable=script.skip_unreadable_images)
+    trainer = RPOTrainer(config, reference_images=references)
+    result = trainer.train()
+    if trainer.accelerator.is_main_process:
+        print(
+            f"best step {result.best_step}: validation reward {result.best_reward:.4f}; saved to {result.output_dir}"
+        )
+        if script.push_to_hub:
+            repo_id = script.hub_model_id or config.output_dir.rstrip("/").split("/")[-1]
+            url = push_to_hub(
+                config.output_dir, repo_id, private=script.hub_private_repo, token=script.hub_token
+            )
+            print(f"pushed to {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(*parse_args()))
+    except (FileNotFoundError, NotADirectoryError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
