@@ -79,6 +79,13 @@ class DiffusionComponents(ABC):
     def reference_denoiser(self) -> Iterator[nn.Module]:
         """The frozen base model as a denoiser (LoRA: the same UNet with adapters disabled)."""
 
+    def freeze_reference(self) -> None:
+        """Keep the current (base) weights as the reference model; called once before training or resuming.
+
+        LoRA needs nothing (disabling adapters gives the base back); full fine-tuning keeps a frozen copy.
+        """
+        return None
+
     @abstractmethod
     def export(self, output_dir: str | os.PathLike, metadata: dict[str, Any]) -> dict[str, str]:
         """Write the trained model where the front end's users load it; returns named file paths."""
@@ -266,8 +273,12 @@ class DiffusersComponents(DiffusionComponents):
                 self.unet.enable_adapters()
             return
         if self._frozen_copy is None:
-            self._frozen_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+            raise RuntimeError("freeze_reference() must be called before training with the full UNet.")
         yield self._frozen_copy
+
+    def freeze_reference(self) -> None:
+        if not self.is_lora and self._frozen_copy is None:
+            self._frozen_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
 
     def export(self, output_dir: str | os.PathLike, metadata: dict[str, Any]) -> dict[str, str]:
         from . import export

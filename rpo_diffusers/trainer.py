@@ -574,6 +574,7 @@ class RPOTrainer:
 
         if cfg.use_lora:
             comp.add_lora(cfg.rank, cfg.lora_alpha, cfg.lora_target_modules)
+        comp.freeze_reference()  # before resuming: the reference is the base model, never a checkpoint
         if cfg.gradient_checkpointing:
             comp.enable_gradient_checkpointing()
         params = comp.trainable_parameters()

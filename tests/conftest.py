@@ -61,3 +61,24 @@ def sample_images():
         ImageDraw.Draw(im).ellipse((5 + i, 5, 25 + i, 20 + i), fill=(255 - 30 * i, 40 * i, 120))
         images.append(im)
     return images
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion pipeline folder (ε-prediction, 32 px)."""
+    from rpo_diffusers.testing.tiny_pipeline import build_tiny_pipeline
+
+    path = tmp_path_factory.mktemp("sd") / "tiny-sd"
+    build_tiny_pipeline(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate_state():
+    """Accelerate keeps process-wide state; each test gets a fresh one."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

@@ -1,0 +1,305 @@
+"""RPOTrainer on a tiny Stable Diffusion: the loop trains, selects, exports, resumes and fails cleanly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from rpo_diffusers import RPOConfig, RPOTrainer
+from rpo_diffusers.components import DiffusersComponents
+from rpo_diffusers.rewards import LambdaHarmonicScorer, ScoreResult
+from rpo_diffusers.trainer import NonFiniteLossError
+
+
+@pytest.fixture(scope="module")
+def references():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
+
+
+@pytest.fixture(scope="module")
+def clip_scorer(tiny_scorer_dirs):
+    return LambdaHarmonicScorer.from_pretrained(tiny_scorer_dirs["clip"])
+
+
+class ScriptedScorer:
+    """Training rewards from a seeded RNG; validation rewards from a script (so the best step is known)."""
+
+    def __init__(self, validation_rewards: list[float], lambda_val: float = 0.5):
+        self.validation_rewards = list(validation_rewards)
+        self.lambda_val = lambda_val
+        self.rng = torch.Generator().manual_seed(0)
+        self.calls = 0
+
+    def set_reference_images(self, images):
+        self.num_refs = len(images)
+
+    def score(self, images, prompts, reference_images=None, lambda_=None):
+        n = len(images)
+        if lambda_ == self.lambda_val:
+            value = self.validation_rewards[self.calls]
+            self.calls += 1
+            r = torch.full((n,), value)
+        else:
+            r = torch.rand(n, generator=self.rng)
+        return ScoreResult(image_alignment=r, text_alignment=r, reward=r, lambda_=float(lambda_ or 0))
+
+
+def make_config(tiny_sd_dir: Path, output_dir: Path, **overrides) -> RPOConfig:
+    settings = dict(
+        class_noun="dog",
+        pretrained_model_name_or_path=str(tiny_sd_dir),
+        output_dir=str(output_dir),
+        resolution=32,
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        images_per_prompt=1,
+        num_validation_images=1,
+        max_train_steps=4,
+        validation_steps=2,
+        report_to="none",
+    )
+    settings.update(overrides)
+    return RPOConfig(**settings)
+
+
+def make_trainer(tiny_sd_dir, tmp_path, scorer, references, **overrides) -> RPOTrainer:
+    cfg = make_config(tiny_sd_dir, tmp_path / "out", **overrides)
+    return RPOTrainer(cfg, StableDiffusionPipeline.from_pretrained(tiny_sd_dir), scorer, references)
+
+
+def test_pairs_tie_rewards_to_their_images_and_use_every_prompt(
+    tiny_sd_dir, tmp_path, clip_scorer, references
+):
+    trainer = make_trainer(tiny_sd_dir, tmp_path, clip_scorer, references, images_per_prompt=2)
+    generated, prompt_idx = trainer.generate_training_images()
+    assert len(generated) == 16 and sorted(set(prompt_idx)) == list(range(8))
+    manifest = json.loads((tmp_path / "out/training_images/manifest.json").read_text())
+    assert [e["prompt"] for e in manifest["images"]] == [trainer.config.train_prompts[i] for i in prompt_idx]
+    data = trainer.prepare_training_set(generated, prompt_idx)
+    # The reward of a generated image is its own reward under its own prompt.
+    direct = clip_scorer.score(
+        generated, [trainer.config.train_prompts[i] for i in prompt_idx], lambda_=0.0
+    ).reward
+    assert torch.allclose(data.generated_rewards, direct, atol=1e-6)
+    seen_prompts, seen_images = set(), set()
+    for step in range(16):
+        (pair,) = trainer.batch_pairs(data, step, 0)
+        assert pair.prompt_index == prompt_idx[pair.generated_index]
+        assert pair.reward_generated == pytest.approx(float(data.generated_rewards[pair.generated_index]))
+        assert pair.reward_reference == pytest.approx(
+            float(data.reference_rewards[pair.reference_index, pair.prompt_index])
+        )
+        seen_prompts.add(pair.prompt_index)
+        seen_images.add(pair.generated_index)
+    assert seen_prompts == set(range(8)) and seen_images == set(range(16))  # one epoch = every image once
+    # Rewards are recorded on disk next to the images, and a rerun reuses them.
+    manifest = json.loads((tmp_path / "out/training_images/manifest.json").read_text())
+    assert manifest["images"][0]["reward"] == pytest.approx(float(direct[0]), abs=1e-6)
+    mtime = (tmp_path / "out/training_images" / manifest["images"][0]["file"]).stat().st_mtime_ns
+    trainer.generate_training_images()
+    assert (tmp_path / "out/training_images" / manifest["images"][0]["file"]).stat().st_mtime_ns == mtime
+
+
+def test_similarity_loss_goes_down_on_a_fixed_batch(tiny_sd_dir, tmp_path, clip_scorer, references):
+    trainer = make_trainer(tiny_sd_dir, tmp_path, clip_scorer, references, learning_rate=2e-3)
+    data = trainer.prepare_training_set(*trainer.generate_training_images())
+    comp = trainer.components
+    comp.freeze_reference()
+    params = comp.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=2e-3)
+    pairs = trainer.batch_pairs(data, 0, 0)
+    losses = []
+    for _ in range(150):
+        loss, parts = trainer.compute_loss(comp.denoiser, data, pairs, torch.Generator().manual_seed(123))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(parts["loss_sim"]))
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
+def _unet_params(unet, lora: bool):
+    # peft renames a wrapped layer's weight to "<layer>.base_layer.weight": compare by the original name.
+    return {
+        k.replace(".base_layer", ""): v.detach().clone()
+        for k, v in unet.named_parameters()
+        if ("lora_" in k) == lora
+    }
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_training_changes_only_what_it_should_and_reference_stays(
+    tiny_sd_dir, tmp_path, clip_scorer, references, use_lora
+):
+    trainer = make_trainer(
+        tiny_sd_dir,
+        tmp_path,
+        clip_scorer,
+        references,
+        use_lora=use_lora,
+        max_train_steps=6,
+        validation_steps=6,
+        learning_rate=1e-3,
+    )
+    comp = trainer.components
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 700])
+    cond = comp.encode_prompts(["a sks dog", "a dog"])
+    with torch.no_grad():
+        before = comp.denoiser(x, t, cond)
+    base_before = _unet_params(comp.unet, lora=False)
+    trainer.train()
+    with torch.no_grad(), comp.reference_denoiser() as ref:
+        assert torch.allclose(ref(x, t, cond), before, atol=1e-6), "the reference model moved"
+    with torch.no_grad():
+        after = comp.denoiser(x, t, cond)
+    assert not torch.allclose(after, before, atol=1e-6), "training did not change the model"
+    base_after = _unet_params(comp.unet, lora=False)
+    changed = [k for k in base_before if not torch.equal(base_before[k], base_after[k])]
+    if use_lora:
+        assert not changed, f"LoRA training changed base weights: {changed[:3]}"
+        assert all(p.requires_grad == ("lora_" in n) for n, p in comp.unet.named_parameters())
+    else:
+        assert changed
+
+
+def test_early_stopping_picks_the_best_validation_and_exports_it(tiny_sd_dir, tmp_path, references):
+    # validations at steps 0, 2, 4, 6, 8 -> best at 4, patience 2 stops after step 8 (max is 12).
+    scorer = ScriptedScorer([0.1, 0.3, 0.7, 0.4, 0.2, 0.9, 0.9])
+    trainer = make_trainer(
+        tiny_sd_dir, tmp_path, scorer, references, max_train_steps=12, patience=2, learning_rate=1e-3
+    )
+    snapshots = {}
+    trainer.callbacks.append(
+        lambda event, p: (
+            snapshots.__setitem__(p["step"], trainer.components.trainable_state_dict())
+            if event == "validation"
+            else None
+        )
+    )
+    result = trainer.train()
+    assert [h["step"] for h in result.history] == [0, 2, 4, 6, 8]
+    assert result.best_step == 4 and result.best_reward == pytest.approx(0.7)
+    assert result.stopped_early and result.global_step == 8
+    exported = load_file(str(tmp_path / "out/rpo_unet.safetensors"))
+    best = snapshots[4]
+    for name, value in best.items():
+        assert torch.equal(exported[name.removeprefix("unet.")], value)
+    assert not torch.equal(exported["conv_in.weight"], snapshots[8]["unet.conv_in.weight"])
+    history = json.loads((tmp_path / "out/rpo_history.json").read_text())
+    assert history["best_step"] == 4 and len(history["history"]) == 5
+    assert (tmp_path / "out/reward_plot.png").exists() and (tmp_path / "out/before_after.png").exists()
+    card = (tmp_path / "out/README.md").read_text()
+    assert card.startswith("---") and "instance_prompt" in card and "step **4**" in card
+
+
+def test_exported_full_pipeline_reproduces_the_model(tiny_sd_dir, tmp_path, clip_scorer, references):
+    scorer = ScriptedScorer([0.1, 0.5, 0.9])  # best = last step, so the in-memory model is the exported one
+    trainer = make_trainer(tiny_sd_dir, tmp_path, scorer, references, learning_rate=1e-3)
+    trainer.train()
+    args = (["a sks dog on the Moon", "a sks dog"], [1, 2], 3, 2.0, 32)
+    mine = trainer.components.generate(*args)
+    loaded = DiffusersComponents(StableDiffusionPipeline.from_pretrained(tmp_path / "out")).generate(*args)
+    for a, b in zip(mine, loaded):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    base = DiffusersComponents(StableDiffusionPipeline.from_pretrained(tiny_sd_dir)).generate(*args)
+    assert any(
+        np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() > 1 for a, b in zip(mine, base)
+    )
+
+
+def test_exported_lora_reproduces_the_model(tiny_sd_dir, tmp_path, references):
+    scorer = ScriptedScorer([0.1, 0.5, 0.9])
+    trainer = make_trainer(
+        tiny_sd_dir, tmp_path, scorer, references, use_lora=True, rank=4, lora_alpha=8, learning_rate=5e-2
+    )
+    trainer.train()
+    args = (["a sks dog on the Moon", "a sks dog"], [1, 2], 3, 2.0, 32)
+    mine = trainer.components.generate(*args)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    base = DiffusersComponents(pipe).generate(*args)
+    pipe.load_lora_weights(tmp_path / "out")
+    loaded = DiffusersComponents(pipe).generate(*args)
+    for a, b in zip(mine, loaded):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    assert any(
+        np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() > 1 for a, b in zip(mine, base)
+    )
+
+
+def test_v_prediction_model_trains(tmp_path, clip_scorer, references):
+    from rpo_diffusers.testing.tiny_pipeline import build_tiny_pipeline
+
+    build_tiny_pipeline(tmp_path / "sd-v", prediction_type="v_prediction")
+    trainer = make_trainer(tmp_path / "sd-v", tmp_path, clip_scorer, references, max_train_steps=2)
+    assert trainer.components.noise_scheduler.config.prediction_type == "v_prediction"
+    losses = []
+    trainer.callbacks.append(lambda e, p: losses.append(p["loss"]) if e == "step" else None)
+    result = trainer.train()
+    assert len(losses) == 2 and all(np.isfinite(losses)) and result.global_step == 2
+
+
+def test_resume_gives_the_same_history_as_an_uninterrupted_run(
+    tiny_sd_dir, tmp_path, clip_scorer, references
+):
+    common = dict(max_train_steps=6, validation_steps=2, checkpointing_steps=2, learning_rate=1e-3, seed=3)
+    full = make_trainer(tiny_sd_dir, tmp_path / "a", clip_scorer, references, **common).train()
+    interrupted = make_trainer(
+        tiny_sd_dir, tmp_path / "b", clip_scorer, references, **{**common, "max_train_steps": 4}
+    )
+    interrupted.train()
+    assert (tmp_path / "b/out/checkpoint-4").is_dir()
+    resumed = make_trainer(
+        tiny_sd_dir, tmp_path / "b", clip_scorer, references, **common, resume_from_checkpoint="latest"
+    ).train()
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in full.history] == [0, 2, 4, 6]
+    assert [h["reward"] for h in resumed.history] == pytest.approx(
+        [h["reward"] for h in full.history], abs=1e-6
+    )
+    assert resumed.best_step == full.best_step
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_best(tiny_sd_dir, tmp_path, references):
+    scorer = ScriptedScorer([0.2, 0.6, 0.1, 0.1])
+    trainer = make_trainer(tiny_sd_dir, tmp_path, scorer, references, max_train_steps=8, learning_rate=1e-3)
+
+    def poison(event, payload):
+        if event == "step" and payload["step"] == 3:
+            with torch.no_grad():
+                trainer.components.unet.conv_in.weight.fill_(float("nan"))
+
+    trainer.callbacks.append(poison)
+    with pytest.raises(NonFiniteLossError, match="learning rate"):
+        trainer.train()
+    exported = load_file(str(tmp_path / "out/rpo_unet.safetensors"))
+    assert all(torch.isfinite(v).all() for v in exported.values())
+    assert json.loads((tmp_path / "out/rpo_history.json").read_text())["best_step"] == 2
+
+
+def test_bad_inputs_give_clear_errors(tiny_sd_dir, tmp_path, clip_scorer, references):
+    with pytest.raises(ValueError, match="identifier 'sks'"):
+        make_config(tiny_sd_dir, tmp_path, train_prompts=["a dog on the beach"])
+    with pytest.raises(ValueError, match=r"lambda_val must be in \[0, 1\]"):
+        make_config(tiny_sd_dir, tmp_path, lambda_val=1.5)
+    with pytest.raises(ValueError, match="reference_images is empty"):
+        RPOTrainer(
+            make_config(tiny_sd_dir, tmp_path),
+            StableDiffusionPipeline.from_pretrained(tiny_sd_dir),
+            clip_scorer,
+            [],
+        )
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        RPOTrainer(make_config(tmp_path / "no-such-model", tmp_path), None, clip_scorer, references)
+    with pytest.raises(ValueError, match="No images found"):
+        (tmp_path / "empty").mkdir()
+        RPOTrainer(
+            make_config(tiny_sd_dir, tmp_path, instance_data_dir=str(tmp_path / "empty")), None, clip_scorer
+        )
