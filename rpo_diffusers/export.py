@@ -340,7 +340,7 @@ def push_to_hub(
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise ExportError(
             f"Cannot push to the Hub: HF_HUB_OFFLINE is set. The local output at {str(folder)!r} is intact; "
-            f"upload it later with `huggingface-cli upload {repo_id} {folder}`."
+            f"upload it later with `hf upload {repo_id} {folder}`."
         )
     api = HfApi(token=token)
     try:
@@ -354,7 +354,7 @@ def push_to_hub(
     except Exception as err:  # network errors, 401/403, rate limits: all leave the folder untouched
         raise ExportError(
             f"Pushing {str(folder)!r} to the Hub repo {repo_id!r} failed ({type(err).__name__}: {err}). "
-            f"The local output is intact; check your token (`huggingface-cli login`) and network, then retry with "
-            f"`huggingface-cli upload {repo_id} {folder}`."
+            f"The local output is intact; check your token (`hf auth login`) and network, then retry with "
+            f"`hf upload {repo_id} {folder}`."
         ) from err
     return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")
