@@ -148,7 +148,10 @@ class RPOTrainer:
         project = ProjectConfiguration(
             project_dir=str(self.output_dir), logging_dir=str(self.output_dir / cfg.logging_dir)
         )
+        # On a machine with no GPU, accelerate only sets up a multi-process (gloo) group when told cpu=True.
+        no_gpu = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
         return Accelerator(
+            cpu=no_gpu,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             mixed_precision=cfg.mixed_precision,
             log_with=log_with,
