@@ -16,7 +16,9 @@ from .data import list_image_files, load_image, load_image_folder
 from .prompts import DEFAULT_IDENTIFIER
 
 
-def _print_table(rows: list[dict], columns: Sequence[str], file=sys.stdout) -> None:
+def _print_table(rows: list[dict], columns: Sequence[str], file=None) -> None:
+    file = file or sys.stdout
+
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
