@@ -29,12 +29,15 @@ def test_prompt_metrics_match_direct_computation(evaluator, sample_images):
     refs, gen = sample_images[:3], sample_images[3:]
     row = evaluator.evaluate_prompt(gen, refs, "a sks dog on the beach")
     with torch.no_grad():
-        px = lambda ims: evaluator.dino_processor(images=ims, return_tensors="pt")["pixel_values"]  # noqa: E731
+
+        def px(ims):
+            return evaluator.dino_processor(images=ims, return_tensors="pt")["pixel_values"]
+
+        def cp(ims):
+            return evaluator.clip_processor.image_processor(images=ims, return_tensors="pt")["pixel_values"]
+
         d_gen = evaluator.dino_model(pixel_values=px(gen)).last_hidden_state[:, 0]
         d_ref = evaluator.dino_model(pixel_values=px(refs)).last_hidden_state[:, 0]
-        cp = lambda ims: evaluator.clip_processor.image_processor(images=ims, return_tensors="pt")[
-            "pixel_values"
-        ]  # noqa: E731
         c_gen = model_output_features(evaluator.clip_model.get_image_features(pixel_values=cp(gen)))
         c_ref = model_output_features(evaluator.clip_model.get_image_features(pixel_values=cp(refs)))
         tok = evaluator.clip_processor.tokenizer(["a dog on the beach"], padding=True, return_tensors="pt")

@@ -1,0 +1,356 @@
+"""RPO nodes for ComfyUI (V3 API): thin wrappers; the work is done by ``rpo_diffusers``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from comfy_api.latest import io, ui
+
+from rpo_diffusers.prompts import DEFAULT_IDENTIFIER, check_prompts_have_identifier, training_prompts
+from rpo_diffusers.rewards import check_lambda
+
+from .conversions import comfy_image_to_pil, parse_prompt_lines, pil_to_comfy_image, safe_output_name
+
+SCORER_FOLDER = "rpo_scorers"
+Scorer = io.Custom("RPO_SCORER")
+Scores = io.Custom("RPO_SCORES")
+
+
+def register_folders() -> None:
+    """``models/rpo_scorers``: one sub-folder per dual encoder saved with ``save_pretrained``."""
+    import folder_paths
+
+    if SCORER_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[SCORER_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, SCORER_FOLDER)],
+            {""},
+        )
+
+
+def list_scorers() -> list[str]:
+    import folder_paths
+
+    register_folders()
+    names = []
+    for root in folder_paths.get_folder_paths(SCORER_FOLDER):
+        if os.path.isdir(root):
+            names += sorted(
+                d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "config.json"))
+            )
+    return names
+
+
+def scorer_path(name: str) -> str:
+    import folder_paths
+
+    register_folders()
+    for root in folder_paths.get_folder_paths(SCORER_FOLDER):
+        candidate = os.path.join(root, name)
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate
+    raise ValueError(
+        f"Scorer {name!r} not found in models/{SCORER_FOLDER}: put an ALIGN/CLIP/SigLIP folder there."
+    )
+
+
+class RPOScorerLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RPOScorerLoader",
+            display_name="RPO Scorer Loader",
+            category="RPO",
+            description="Loads an ALIGN / CLIP / SigLIP dual encoder from models/rpo_scorers for the λ-harmonic reward.",
+            inputs=[
+                io.Combo.Input("scorer_name", options=list_scorers()),
+                io.String.Input(
+                    "identifier",
+                    default=DEFAULT_IDENTIFIER,
+                    tooltip="removed from prompts before the text tower",
+                ),
+            ],
+            outputs=[Scorer.Output(display_name="scorer")],
+        )
+
+    @classmethod
+    def execute(cls, scorer_name: str, identifier: str) -> io.NodeOutput:
+        import comfy.model_management
+
+        from rpo_diffusers.rewards import LambdaHarmonicScorer
+
+        scorer = LambdaHarmonicScorer.from_pretrained(
+            scorer_path(scorer_name),
+            device=comfy.model_management.get_torch_device(),
+            identifier=identifier.strip(),
+        )
+        return io.NodeOutput(scorer)
+
+
+class RPOScore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RPOScore",
+            display_name="RPO Score",
+            category="RPO",
+            description="λ-harmonic reward of each image: harmonic mean of similarity to the references (ALIGN-I) "
+            "and agreement with the prompt (ALIGN-T).",
+            inputs=[
+                Scorer.Input("scorer"),
+                io.Image.Input("images"),
+                io.Image.Input("reference_images"),
+                io.String.Input("prompt", default="a sks dog on the beach", multiline=False),
+                io.Float.Input("lambda_", display_name="λ", default=0.5, min=0.0, max=1.0, step=0.05),
+            ],
+            outputs=[
+                Scores.Output(display_name="scores"),
+                io.Float.Output(display_name="rewards", is_output_list=True),
+                io.Float.Output(display_name="align_i", is_output_list=True),
+                io.Float.Output(display_name="align_t", is_output_list=True),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompt: str = "", lambda_: float = 0.5, **kwargs) -> bool | str:
+        if not isinstance(prompt, str) or not prompt.strip():
+            return (
+                "prompt is empty: write the prompt the images were made from, e.g. 'a sks dog on the beach'."
+            )
+        try:
+            check_lambda(lambda_, "λ")
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
+    def execute(
+        cls, scorer, images: torch.Tensor, reference_images: torch.Tensor, prompt: str, lambda_: float
+    ) -> io.NodeOutput:
+        result = scorer.score(
+            comfy_image_to_pil(images),
+            prompt,
+            reference_images=comfy_image_to_pil(reference_images),
+            lambda_=lambda_,
+        )
+        rows = result.to_rows()
+        text = "\n".join(
+            f"#{i}: reward {r['reward']:.4f}  (ALIGN-I {r['align_i']:.4f}, ALIGN-T {r['align_t']:.4f})"
+            for i, r in enumerate(rows)
+        )
+        return io.NodeOutput(
+            result.reward.tolist(),
+            result.reward.tolist(),
+            result.image_alignment.tolist(),
+            result.text_alignment.tolist(),
+            ui=ui.PreviewText(text),
+        )
+
+
+def top_k(images: torch.Tensor, scores: list[float], k: int) -> tuple[torch.Tensor, list[int]]:
+    """The k best images (highest score first) and their indices in the batch."""
+    if len(scores) != images.shape[0]:
+        raise ValueError(
+            f"Got {images.shape[0]} images but {len(scores)} scores: score the same batch you select from."
+        )
+    order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)[: max(1, min(k, len(scores)))]
+    return images[order], order
+
+
+class RPOSelectBest(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RPOSelectBest",
+            display_name="RPO Select Best",
+            category="RPO",
+            description="Keeps the k images with the highest scores.",
+            inputs=[
+                io.Image.Input("images"),
+                Scores.Input("scores"),
+                io.Int.Input("k", default=1, min=1, max=4096),
+            ],
+            outputs=[
+                io.Image.Output(display_name="images"),
+                io.Int.Output(display_name="indices", is_output_list=True),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, images: torch.Tensor, scores: list[float], k: int) -> io.NodeOutput:
+        best, order = top_k(images, list(scores), k)
+        return io.NodeOutput(best, order)
+
+
+def _default_prompts_text() -> str:
+    return "\n".join(training_prompts("dog", DEFAULT_IDENTIFIER))
+
+
+def check_train_inputs(
+    identifier: str, class_noun: str, prompts_text: str, output_name: str
+) -> list[str] | None:
+    """Shared by validate_inputs and execute: returns the prompts (empty = RPO's defaults)."""
+    if not identifier or not identifier.strip() or " " in identifier.strip():
+        raise ValueError("identifier must be one token such as 'sks'.")
+    if not class_noun or not class_noun.strip():
+        raise ValueError("class_noun is empty: name the subject's class, e.g. 'dog' or 'backpack'.")
+    safe_output_name(output_name)
+    prompts = parse_prompt_lines(prompts_text)
+    if prompts:
+        check_prompts_have_identifier(prompts, identifier.strip(), "training prompt")
+    return prompts or None
+
+
+class RPOTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RPOTrain",
+            display_name="RPO Train (personalize)",
+            category="RPO",
+            description="Reward Preference Optimization on 3-6 photos of a subject. Saves a LoRA to models/loras "
+            "(or a UNet to models/diffusion_models) and returns the personalized MODEL.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.Vae.Input("vae"),
+                io.Image.Input(
+                    "reference_images", tooltip="3-6 photos of the subject, one batch (same size)"
+                ),
+                Scorer.Input("scorer"),
+                io.String.Input("identifier", default=DEFAULT_IDENTIFIER),
+                io.String.Input("class_noun", default="dog"),
+                io.String.Input(
+                    "training_prompts",
+                    multiline=True,
+                    default=_default_prompts_text(),
+                    tooltip="one per line, each with the identifier; empty = the RPO prompts for the class",
+                ),
+                io.Int.Input("steps", default=400, min=1, max=100000),
+                io.Int.Input("validation_interval", default=40, min=1, max=100000),
+                io.Float.Input("lambda_val", default=0.5, min=0.0, max=1.0, step=0.05),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-6),
+                io.Int.Input("lora_rank", default=4, min=0, max=256, tooltip="0 trains the full UNet"),
+                io.Int.Input("images_per_prompt", default=4, min=1, max=64),
+                io.Int.Input("sampling_steps", default=30, min=1, max=200),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=8),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.String.Input("output_name", default="rpo_subject"),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model"),
+                io.String.Output(display_name="filename"),
+                io.Image.Output(display_name="validation_images"),
+                io.Image.Output(display_name="reward_plot"),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(
+        cls,
+        identifier: str = DEFAULT_IDENTIFIER,
+        class_noun: str = "dog",
+        training_prompts: str = "",
+        output_name: str = "rpo_subject",
+        **kwargs,
+    ) -> bool | str:
+        try:
+            check_train_inputs(identifier, class_noun, training_prompts, output_name)
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        clip,
+        vae,
+        reference_images,
+        scorer,
+        identifier,
+        class_noun,
+        training_prompts,
+        steps,
+        validation_interval,
+        lambda_val,
+        learning_rate,
+        lora_rank,
+        images_per_prompt,
+        sampling_steps,
+        resolution,
+        seed,
+        output_name,
+    ) -> io.NodeOutput:
+        import comfy.model_management
+        import comfy.sd
+        import comfy.utils
+        import folder_paths
+
+        from rpo_diffusers.config import RPOConfig
+        from rpo_diffusers.data import make_image_grid
+        from rpo_diffusers.trainer import RPOTrainer
+
+        from .adapter import ComfyComponents, check_supported_model
+
+        prompts = check_train_inputs(identifier, class_noun, training_prompts, output_name)
+        check_supported_model(model)
+        refs = comfy_image_to_pil(reference_images)
+        use_lora = lora_rank > 0
+        file_name = safe_output_name(output_name)
+        target_dir = folder_paths.get_folder_paths("loras" if use_lora else "diffusion_models")[0]
+        target = Path(target_dir) / file_name
+        work_dir = Path(folder_paths.get_output_directory()) / "rpo" / Path(file_name).stem
+        config = RPOConfig(
+            class_noun=class_noun.strip(),
+            identifier=identifier.strip(),
+            train_prompts=prompts,
+            max_train_steps=steps,
+            validation_steps=validation_interval,
+            lambda_val=lambda_val,
+            learning_rate=learning_rate,
+            use_lora=use_lora,
+            rank=max(lora_rank, 1),
+            images_per_prompt=images_per_prompt,
+            num_inference_steps=sampling_steps,
+            resolution=resolution,
+            seed=seed,
+            output_dir=str(work_dir),
+            report_to="none",
+            num_validation_images=1,
+        )
+        bar = comfy.utils.ProgressBar(steps)
+
+        def on_event(event: str, payload: dict) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()  # Interrupt: stop, keep the best
+            if event == "step":
+                bar.update_absolute(payload["step"], payload["total"])
+
+        with torch.inference_mode(False):
+            components = ComfyComponents(model, clip, vae, output_file=target)
+            trainer = RPOTrainer(config, components, scorer, refs, callbacks=[on_event])
+            result = trainer.train()
+        if use_lora:
+            lora = comfy.utils.load_torch_file(str(target), safe_load=True)
+            patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+        else:
+            patched = comfy.sd.load_diffusion_model(str(target))
+        from PIL import Image
+
+        grid_path = work_dir / "validation" / f"step_{result.best_step:05d}.png"
+        grid = Image.open(grid_path).convert("RGB") if grid_path.exists() else make_image_grid(refs, rows=1)
+        plot = Image.open(work_dir / "reward_plot.png").convert("RGB")
+        text = f"saved {file_name} (best step {result.best_step}, validation reward {result.best_reward:.4f})"
+        return io.NodeOutput(
+            patched,
+            file_name,
+            pil_to_comfy_image([grid]),
+            pil_to_comfy_image([plot]),
+            ui=ui.PreviewText(text),
+        )
+
+
+NODES = [RPOScorerLoader, RPOScore, RPOSelectBest, RPOTrain]

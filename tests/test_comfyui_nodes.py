@@ -1,0 +1,154 @@
+"""The ComfyUI node pack against small stand-ins for the ComfyUI modules it imports (tests/comfy_stubs).
+
+What runs for real here: the conversions, input validation, the scorer (a tiny CLIP) and top-k selection.
+Training inside a real ComfyUI server is tested by tests/test_comfyui_server.py when COMFYUI_PATH is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+STUBS = Path(__file__).parent / "comfy_stubs"
+sys.path.insert(0, str(STUBS))
+
+import folder_paths  # noqa: E402
+
+from comfyui_nodes import comfy_entrypoint  # noqa: E402
+from comfyui_nodes.conversions import (  # noqa: E402
+    comfy_image_to_pil,
+    image_batches_to_pil,
+    parse_prompt_lines,
+    pil_to_comfy_image,
+    safe_output_name,
+)
+from comfyui_nodes.nodes import NODES, RPOScore, RPOScorerLoader, RPOSelectBest, RPOTrain, top_k  # noqa: E402
+
+
+def test_entrypoint_lists_every_node_with_valid_schemas():
+    ext = asyncio.run(comfy_entrypoint())
+    nodes = asyncio.run(ext.get_node_list())
+    assert nodes == NODES
+    ids = set()
+    for node in nodes:
+        schema = node.define_schema()
+        schema.validate()
+        assert schema.node_id.startswith("RPO") and schema.category == "RPO" and schema.description
+        ids.add(schema.node_id)
+    assert ids == {"RPOScorerLoader", "RPOScore", "RPOSelectBest", "RPOTrain"}
+    train = {i.id: i for i in RPOTrain.define_schema().inputs}
+    for name in ("model", "clip", "vae", "reference_images", "identifier", "class_noun", "training_prompts", "steps",
+                 "validation_interval", "lambda_val", "learning_rate", "lora_rank", "seed", "scorer", "output_name"):  # fmt: skip
+        assert name in train, name
+    assert (
+        train["training_prompts"].options["multiline"]
+        and "a sks dog on the Moon" in train["training_prompts"].options["default"]
+    )
+    assert [o.io_type for o in RPOTrain.define_schema().outputs] == ["MODEL", "STRING", "IMAGE", "IMAGE"]
+
+
+def test_image_conversions_round_trip_and_batches_of_different_sizes():
+    rng = np.random.default_rng(0)
+    batch = torch.from_numpy(rng.integers(0, 256, (3, 20, 30, 3)).astype(np.float32) / 255.0)
+    pils = comfy_image_to_pil(batch)
+    assert len(pils) == 3 and pils[0].size == (30, 20) and pils[0].mode == "RGB"
+    assert torch.allclose(pil_to_comfy_image(pils), batch, atol=1 / 255 + 1e-6)
+    rgba = torch.rand(2, 8, 8, 4)
+    assert comfy_image_to_pil(rgba)[0].mode == "RGB"
+    gray = torch.rand(1, 8, 8, 1)
+    assert (
+        np.asarray(comfy_image_to_pil(gray)[0])[..., 0].tolist()
+        == np.asarray(comfy_image_to_pil(gray)[0])[..., 2].tolist()
+    )
+    mixed = image_batches_to_pil(torch.rand(2, 16, 16, 3), torch.rand(1, 24, 32, 3))
+    assert [im.size for im in mixed] == [(16, 16), (16, 16), (32, 24)]
+    with pytest.raises(ValueError, match="share a size"):
+        pil_to_comfy_image(mixed)
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+        comfy_image_to_pil(torch.rand(2, 3, 8, 8, 2))
+    with pytest.raises(ValueError, match="empty"):
+        comfy_image_to_pil(torch.rand(0, 8, 8, 3))
+
+
+@pytest.mark.parametrize("bad", ["../evil", "a/b", "a\\b", "..", ".hidden", "", "   ", "x..y"])
+def test_output_names_cannot_escape_the_models_folder(bad):
+    with pytest.raises(ValueError):
+        safe_output_name(bad)
+
+
+def test_output_name_gets_the_extension():
+    assert safe_output_name("rpo dog_v1") == "rpo dog_v1.safetensors"
+    assert safe_output_name("x.safetensors") == "x.safetensors"
+
+
+def test_train_validation_messages():
+    ok = dict(
+        identifier="sks",
+        class_noun="dog",
+        training_prompts="a sks dog on the beach\n\na sks dog",
+        output_name="rpo_dog",
+    )
+    assert RPOTrain.validate_inputs(**ok) is True
+    assert "identifier 'sks'" in RPOTrain.validate_inputs(**{**ok, "training_prompts": "a dog on the beach"})
+    assert "class_noun is empty" in RPOTrain.validate_inputs(**{**ok, "class_noun": " "})
+    assert "identifier must be one token" in RPOTrain.validate_inputs(**{**ok, "identifier": ""})
+    assert "plain file name" in RPOTrain.validate_inputs(**{**ok, "output_name": "../../etc/x"})
+    assert RPOTrain.validate_inputs(**{**ok, "training_prompts": ""}) is True  # empty = the RPO defaults
+    assert parse_prompt_lines(" a \n\n b ") == ["a", "b"]
+    assert RPOScore.validate_inputs(prompt="", lambda_=0.5).startswith("prompt is empty")
+    assert "[0, 1]" in RPOScore.validate_inputs(prompt="a sks dog", lambda_=1.5)
+
+
+def test_train_rejects_a_non_sd_model_before_writing_anything(tmp_path):
+    class FluxLikeConfig:
+        pass
+
+    class FakeBase:
+        model_config = FluxLikeConfig()
+
+    class FakeModel:
+        model = FakeBase()
+
+    from comfyui_nodes.adapter import check_supported_model
+
+    with pytest.raises(ValueError, match="Stable Diffusion 1.x / 2.x.*FluxLikeConfig"):
+        check_supported_model(FakeModel())
+
+
+def test_scorer_loader_score_and_select_best(tiny_scorer_dirs, sample_images):
+    root = Path(folder_paths.models_dir) / "rpo_scorers"
+    root.mkdir(parents=True, exist_ok=True)
+    link = root / "tiny-clip"
+    if not link.exists():
+        link.symlink_to(tiny_scorer_dirs["clip"], target_is_directory=True)
+    (root / "not-a-model").mkdir(exist_ok=True)
+    options = {i.id: i for i in RPOScorerLoader.define_schema().inputs}["scorer_name"].options["options"]
+    assert "tiny-clip" in options and "not-a-model" not in options
+    (scorer,) = RPOScorerLoader.execute("tiny-clip", "sks").result
+    images = pil_to_comfy_image([im.resize((32, 32)) for im in sample_images[:4]])
+    refs = pil_to_comfy_image([im.resize((40, 40)) for im in sample_images[4:]])
+    out = RPOScore.execute(scorer, images, refs, "a sks dog on the beach", 0.5)
+    scores, rewards, align_i, align_t = out.result
+    direct = scorer.score(
+        comfy_image_to_pil(images), "a dog on the beach", reference_images=comfy_image_to_pil(refs)
+    )
+    assert rewards == pytest.approx(direct.reward.tolist(), abs=1e-6) and len(align_i) == len(align_t) == 4
+    assert "#3: reward" in out.ui.value
+    best, order = RPOSelectBest.execute(images, scores, 2).result
+    assert order == sorted(range(4), key=lambda i: -scores[i])[:2]
+    assert torch.equal(best[0], images[order[0]]) and best.shape[0] == 2
+    with pytest.raises(ValueError, match="4 images but 3 scores"):
+        top_k(images, scores[:3], 1)
+    with pytest.raises(ValueError, match="not found"):
+        RPOScorerLoader.execute("missing", "sks")
+
+
+def test_single_reference_image_is_accepted():
+    one = pil_to_comfy_image([Image.new("RGB", (16, 16), (200, 10, 10))])
+    assert len(comfy_image_to_pil(one)) == 1
