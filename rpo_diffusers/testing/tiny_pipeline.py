@@ -95,7 +95,81 @@ def build_tiny_pipeline(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    _use_classic_text_encoder_keys(out / "text_encoder" / "model.safetensors")
     for f in (out / "_tokenizer_src").iterdir():
         f.unlink()
     (out / "_tokenizer_src").rmdir()
     return pipe
+
+
+def _use_classic_text_encoder_keys(path: Path) -> None:
+    """transformers 5 saves CLIPTextModel keys without the ``text_model.`` prefix; real SD checkpoints (and
+    ComfyUI's loaders) use the prefixed layout, which transformers still reads."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    fixed = {
+        (k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
+        for k, v in state.items()
+    }
+    save_file(fixed, str(path), metadata={"format": "pt"})
+
+
+def build_sd15_shaped_pipeline(
+    directory: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float16
+):
+    """Save a randomly initialised pipeline with Stable Diffusion 1.5's exact shapes (no download).
+
+    For tools that detect the model family from tensor shapes (ComfyUI) and for speed/memory benchmarks at
+    real size; it draws noise, not pictures. The tokenizer is a small stand-in (ComfyUI brings its own).
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+    )  # fmt: skip
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tokenizer_src"))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                              steps_offset=1)  # fmt: skip
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe.to(dtype=dtype)
+    pipe.save_pretrained(out, safe_serialization=True)
+    _use_classic_text_encoder_keys(out / "text_encoder" / "model.safetensors")
+    for f in (out / "_tokenizer_src").iterdir():
+        f.unlink()
+    (out / "_tokenizer_src").rmdir()
+    return pipe
+
+
+def _use_classic_text_encoder_keys(path: Path) -> None:
+    """transformers 5 saves CLIPTextModel keys without the ``text_model.`` prefix; real SD checkpoints (and
+    ComfyUI's loaders) use the prefixed layout, which transformers still reads."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    fixed = {
+        (k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
+        for k, v in state.items()
+    }
+    save_file(fixed, str(path), metadata={"format": "pt"})

@@ -1,0 +1,169 @@
+"""The node pack inside a real ComfyUI server (skipped unless COMFYUI_PATH points at a ComfyUI checkout).
+
+    COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/venv/bin/python pytest tests/test_comfyui_server.py
+
+Everything lives in a temporary ``--base-directory`` (models, input, output, custom_nodes with this
+repository linked in), so nothing is written into the checkout. A randomly initialised SD 1.5-shaped
+pipeline is turned into a single-file checkpoint by ComfyUI's own DiffusersLoader + CheckpointSave, then the
+example workflows run through ``POST /prompt`` with tiny resolution and steps, and ``/history`` is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(
+    not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run the real-server test"
+)
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "comfyui_nodes" / "example_workflows"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: Path) -> None:
+        self.port = _free_port()
+        self.log_path = base / "comfyui.log"
+        python = os.environ.get("COMFYUI_PYTHON", "python")
+        cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", str(base),
+               "--disable-auto-launch"]  # fmt: skip
+        self.log = open(self.log_path, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                self.get("/object_info/RPOTrain")
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("ComfyUI exited:\n" + self.log_path.read_text()[-3000:]) from None
+                time.sleep(1)
+        raise TimeoutError("ComfyUI did not start in 180 s")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as r:
+            return json.loads(r.read())
+
+    def run(self, workflow: dict, timeout: float = 900) -> dict:
+        body = json.dumps({"prompt": workflow, "client_id": "rpo-test"}).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/prompt", data=body, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                prompt_id = json.loads(r.read())["prompt_id"]
+        except urllib.error.HTTPError as err:
+            raise AssertionError(f"ComfyUI rejected the workflow: {err.read().decode()[:3000]}") from err
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                assert entry["status"]["status_str"] == "success", (
+                    json.dumps(entry["status"])[:3000] + self.log_path.read_text()[-3000:]
+                )
+                return entry
+            time.sleep(1)
+        raise TimeoutError(f"workflow {prompt_id} did not finish in {timeout} s")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    from rpo_diffusers.testing.tiny_pipeline import build_sd15_shaped_pipeline
+    from rpo_diffusers.testing.tiny_scorers import build_tiny_scorer
+
+    base = tmp_path_factory.mktemp("comfy")
+    for d in ("custom_nodes", "models/checkpoints", "models/loras", "models/diffusers", "input", "output"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    (base / "custom_nodes" / "rpo-diffusers").symlink_to(REPO, target_is_directory=True)
+    build_sd15_shaped_pipeline(base / "models/diffusers/sd15")
+    build_tiny_scorer(base / "models/rpo_scorers/align-base", "align", image_size=32)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+            base / "input" / f"subject_{i:02d}.png"
+        )
+    server = Server(base)
+    try:
+        # ComfyUI's own nodes turn the diffusers folder into the single-file checkpoint artists have.
+        server.run({"1": {"class_type": "DiffusersLoader", "inputs": {"model_path": "sd15"}},
+                    "2": {"class_type": "CheckpointSave", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                                    "filename_prefix": "checkpoints/sd15"}}})  # fmt: skip
+        saved = next((base / "output" / "checkpoints").glob("sd15*.safetensors"))
+        shutil.move(saved, base / "models/checkpoints/sd15.safetensors")
+        shutil.rmtree(base / "models/diffusers/sd15")
+        yield server, base
+    finally:
+        server.close()
+
+
+def _tiny(workflow: dict) -> dict:
+    """The example workflow with CPU-sized settings."""
+    for node in workflow.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "RPOTrain":
+            inputs.update(steps=2, validation_interval=1, images_per_prompt=1, sampling_steps=2, resolution=64,
+                          training_prompts="a sks dog on the beach\na sks dog on the Moon", learning_rate=1e-3)  # fmt: skip
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=64, height=64, batch_size=min(inputs["batch_size"], 3))
+        if node["class_type"] == "KSampler":
+            inputs.update(steps=2)
+    return workflow
+
+
+def test_train_then_sample_then_load_with_lora_loader(comfy):
+    server, base = comfy
+    entry = server.run(_tiny(json.loads((WORKFLOWS / "rpo_train_then_sample_api.json").read_text())))
+    lora = base / "models/loras/rpo_dog.safetensors"
+    assert lora.exists()
+    from safetensors.torch import load_file
+
+    keys = load_file(str(lora))
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".alpha") for k in keys)
+    outputs = entry["outputs"]
+    assert outputs["14"]["images"], "KSampler + SaveImage produced no image from the trained MODEL"
+    assert outputs["15"]["images"] and outputs["16"]["images"], "validation images / reward plot not returned"
+    assert (base / "output/rpo/rpo_dog/rpo_history.json").exists()
+    # ComfyUI's own LoraLoader applies every key of the file (no "lora key not loaded").
+    log_before = server.log_path.read_text()
+    entry = server.run(_tiny(json.loads((WORKFLOWS / "rpo_generate_score_select_api.json").read_text())))
+    new_log = server.log_path.read_text()[len(log_before) :]
+    assert "lora key not loaded" not in new_log and "lora key not loaded" not in log_before
+    assert len(entry["outputs"]["14"]["images"]) == 2
+    assert "reward" in json.dumps(entry["outputs"]["12"])
+
+
+def test_bad_output_name_is_rejected_before_anything_runs(comfy):
+    server, base = comfy
+    workflow = _tiny(json.loads((WORKFLOWS / "rpo_train_then_sample_api.json").read_text()))
+    workflow["8"]["inputs"]["output_name"] = "../../escape"
+    with pytest.raises(AssertionError, match="plain file name"):
+        server.run(workflow)
+    assert not list(base.rglob("escape*"))
