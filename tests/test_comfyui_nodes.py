@@ -152,3 +152,20 @@ def test_scorer_loader_score_and_select_best(tiny_scorer_dirs, sample_images):
 def test_single_reference_image_is_accepted():
     one = pil_to_comfy_image([Image.new("RGB", (16, 16), (200, 10, 10))])
     assert len(comfy_image_to_pil(one)) == 1
+
+
+def test_example_workflows_match_the_node_schemas():
+    import json
+
+    folder = Path(__file__).resolve().parents[1] / "comfyui_nodes" / "example_workflows"
+    schemas = {n.define_schema().node_id: n.define_schema() for n in NODES}
+    for api_file in sorted(folder.glob("*_api.json")):
+        api = json.loads(api_file.read_text())
+        ui = json.loads(api_file.with_name(api_file.name.replace("_api.json", ".json")).read_text())
+        assert sorted(n["class_type"] for n in api.values()) == sorted(n["type"] for n in ui["nodes"])
+        api_links = sum(isinstance(v, list) for n in api.values() for v in n["inputs"].values())
+        assert len(ui["links"]) == api_links
+        for node in api.values():
+            if node["class_type"] in schemas:
+                expected = {i.id for i in schemas[node["class_type"]].inputs}
+                assert set(node["inputs"]) == expected, (api_file.name, node["class_type"])
