@@ -30,7 +30,7 @@ def build_tiny_pipeline(
     Returns:
         The pipeline (already saved).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(directory)
@@ -84,35 +84,7 @@ def build_tiny_pipeline(
         clip_sample=False,
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
-    _use_classic_text_encoder_keys(out / "text_encoder" / "model.safetensors")
-    for f in (out / "_tokenizer_src").iterdir():
-        f.unlink()
-    (out / "_tokenizer_src").rmdir()
-    return pipe
-
-
-def _use_classic_text_encoder_keys(path: Path) -> None:
-    """transformers 5 saves CLIPTextModel keys without the ``text_model.`` prefix; real SD checkpoints (and
-    ComfyUI's loaders) use the prefixed layout, which transformers still reads."""
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(str(path))
-    fixed = {
-        (k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
-        for k, v in state.items()
-    }
-    save_file(fixed, str(path), metadata={"format": "pt"})
+    return _save_pipeline(out, vae, text_encoder, tokenizer, unet, scheduler)
 
 
 def build_sd15_shaped_pipeline(
@@ -123,7 +95,7 @@ def build_sd15_shaped_pipeline(
     For tools that detect the model family from tensor shapes (ComfyUI) and for speed/memory benchmarks at
     real size; it draws noise, not pictures. The tokenizer is a small stand-in (ComfyUI brings its own).
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(directory)
@@ -151,9 +123,19 @@ def build_sd15_shaped_pipeline(
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tokenizer_src"))
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                               steps_offset=1)  # fmt: skip
+    return _save_pipeline(out, vae, text_encoder, tokenizer, unet, scheduler, dtype=dtype)
+
+
+def _save_pipeline(
+    out: Path, vae, text_encoder, tokenizer, unet, scheduler, dtype: torch.dtype | None = None
+):
+    """Assemble, save (safetensors, classic text-encoder keys) and drop the temporary tokenizer source."""
+    from diffusers import StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
-    pipe.to(dtype=dtype)
+    if dtype is not None:
+        pipe.to(dtype=dtype)
     pipe.save_pretrained(out, safe_serialization=True)
     _use_classic_text_encoder_keys(out / "text_encoder" / "model.safetensors")
     for f in (out / "_tokenizer_src").iterdir():
