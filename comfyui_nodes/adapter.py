@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -83,9 +83,18 @@ class ComfyComponents(DiffusionComponents):
     Args:
         model, clip, vae: what Load Checkpoint outputs.
         output_file: where :meth:`export` writes the trained LoRA / UNet (under ComfyUI's models folders).
+        on_sampling_step: called as ``fn(step, total)`` after every sampling step; it may raise to stop (ComfyUI's
+            Interrupt), so generating the training set and validation images stop promptly too.
     """
 
-    def __init__(self, model: Any, clip: Any, vae: Any, output_file: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        model: Any,
+        clip: Any,
+        vae: Any,
+        output_file: str | os.PathLike,
+        on_sampling_step: Callable[[int, int], None] | None = None,
+    ) -> None:
         import comfy.model_management
 
         self.config_name = check_supported_model(model)
@@ -100,6 +109,7 @@ class ComfyComponents(DiffusionComponents):
         self.noise_scheduler = ddpm_scheduler_for(model)
         self.output_file = Path(output_file)
         self.is_lora = False
+        self.on_sampling_step = on_sampling_step
         self._uncond: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> ComfyComponents:
@@ -149,11 +159,13 @@ class ComfyComponents(DiffusionComponents):
         was_training = self.train_unet.training
         self.train_unet.eval()
         try:
-            for t in sched.timesteps:
+            for i, t in enumerate(sched.timesteps):
                 tt = torch.full((2 * len(prompts),), int(t), device=self.device)
                 out = self.denoiser(torch.cat([latents, latents]), tt, torch.cat([uncond, cond]))
                 u, c = out.chunk(2)
                 latents = sched.step(u + guidance_scale * (c - u), t, latents).prev_sample
+                if self.on_sampling_step is not None:
+                    self.on_sampling_step(i + 1, len(sched.timesteps))
         finally:
             self.train_unet.train(was_training)
         return self.decode_latents(latents)

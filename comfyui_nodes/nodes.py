@@ -11,7 +11,13 @@ from comfy_api.latest import io, ui
 from rpo_diffusers.prompts import DEFAULT_IDENTIFIER, check_prompts_have_identifier, training_prompts
 from rpo_diffusers.rewards import check_lambda
 
-from .conversions import comfy_image_to_pil, parse_prompt_lines, pil_to_comfy_image, safe_output_name
+from .conversions import (
+    comfy_image_to_pil,
+    image_batches_to_pil,
+    parse_prompt_lines,
+    pil_to_comfy_image,
+    safe_output_name,
+)
 
 SCORER_FOLDER = "rpo_scorers"
 Scorer = io.Custom("RPO_SCORER")
@@ -53,6 +59,18 @@ def scorer_path(name: str) -> str:
     raise ValueError(
         f"Scorer {name!r} not found in models/{SCORER_FOLDER}: put an ALIGN/CLIP/SigLIP folder there."
     )
+
+
+def more_reference_inputs() -> list:
+    """Optional extra reference batches: photos of other sizes from separate Load Image nodes, no resizing.
+
+    One IMAGE batch must share a size (ComfyUI's Batch Images node stretches to make it so); these inputs let
+    references of different sizes reach the library as they are, where they are centre-cropped like in the script.
+    """
+    return [
+        io.Image.Input(name, optional=True, tooltip="more reference photos, any size")
+        for name in ("reference_images_2", "reference_images_3")
+    ]
 
 
 class RPOScorerLoader(io.ComfyNode):
@@ -103,6 +121,7 @@ class RPOScore(io.ComfyNode):
                 io.Image.Input("reference_images"),
                 io.String.Input("prompt", default="a sks dog on the beach", multiline=False),
                 io.Float.Input("lambda_", display_name="λ", default=0.5, min=0.0, max=1.0, step=0.05),
+                *more_reference_inputs(),
             ],
             outputs=[
                 Scores.Output(display_name="scores"),
@@ -127,14 +146,17 @@ class RPOScore(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, scorer, images: torch.Tensor, reference_images: torch.Tensor, prompt: str, lambda_: float
+        cls,
+        scorer,
+        images: torch.Tensor,
+        reference_images: torch.Tensor,
+        prompt: str,
+        lambda_: float,
+        reference_images_2: torch.Tensor | None = None,
+        reference_images_3: torch.Tensor | None = None,
     ) -> io.NodeOutput:
-        result = scorer.score(
-            comfy_image_to_pil(images),
-            prompt,
-            reference_images=comfy_image_to_pil(reference_images),
-            lambda_=lambda_,
-        )
+        refs = image_batches_to_pil(reference_images, reference_images_2, reference_images_3)
+        result = scorer.score(comfy_image_to_pil(images), prompt, reference_images=refs, lambda_=lambda_)
         rows = result.to_rows()
         text = "\n".join(
             f"#{i}: reward {r['reward']:.4f}  (ALIGN-I {r['align_i']:.4f}, ALIGN-T {r['align_t']:.4f})"
@@ -182,6 +204,18 @@ class RPOSelectBest(io.ComfyNode):
     def execute(cls, images: torch.Tensor, scores: list[float], k: int) -> io.NodeOutput:
         best, order = top_k(images, list(scores), k)
         return io.NodeOutput(best, order)
+
+
+def load_trained_model(model, target: Path, use_lora: bool):
+    """The MODEL KSampler gets, read back from the saved file by ComfyUI's own loaders (LoraLoader / UNETLoader)."""
+    import comfy.sd
+    import comfy.utils
+
+    if use_lora:
+        lora = comfy.utils.load_torch_file(str(target), safe_load=True)
+        patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+        return patched
+    return comfy.sd.load_diffusion_model(str(target))
 
 
 def _default_prompts_text() -> str:
@@ -238,6 +272,7 @@ class RPOTrain(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=8),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
                 io.String.Input("output_name", default="rpo_subject"),
+                *more_reference_inputs(),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),
@@ -284,9 +319,10 @@ class RPOTrain(io.ComfyNode):
         resolution,
         seed,
         output_name,
+        reference_images_2=None,
+        reference_images_3=None,
     ) -> io.NodeOutput:
         import comfy.model_management
-        import comfy.sd
         import comfy.utils
         import folder_paths
 
@@ -298,7 +334,7 @@ class RPOTrain(io.ComfyNode):
 
         prompts = check_train_inputs(identifier, class_noun, training_prompts, output_name)
         check_supported_model(model)
-        refs = comfy_image_to_pil(reference_images)
+        refs = image_batches_to_pil(reference_images, reference_images_2, reference_images_3)
         use_lora = lora_rank > 0
         file_name = safe_output_name(output_name)
         target_dir = folder_paths.get_folder_paths("loras" if use_lora else "diffusion_models")[0]
@@ -324,20 +360,22 @@ class RPOTrain(io.ComfyNode):
         )
         bar = comfy.utils.ProgressBar(steps)
 
+        def on_sampling_step(step: int, total: int) -> None:  # while images are drawn
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            bar.update_absolute(step, total)
+
         def on_event(event: str, payload: dict) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()  # Interrupt: stop, keep the best
             if event == "step":
                 bar.update_absolute(payload["step"], payload["total"])
 
         with torch.inference_mode(False):
-            components = ComfyComponents(model, clip, vae, output_file=target)
+            components = ComfyComponents(
+                model, clip, vae, output_file=target, on_sampling_step=on_sampling_step
+            )
             trainer = RPOTrainer(config, components, scorer, refs, callbacks=[on_event])
             result = trainer.train()
-        if use_lora:
-            lora = comfy.utils.load_torch_file(str(target), safe_load=True)
-            patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
-        else:
-            patched = comfy.sd.load_diffusion_model(str(target))
+        patched = load_trained_model(model, target, use_lora)
         from PIL import Image
 
         grid_path = work_dir / "validation" / f"step_{result.best_step:05d}.png"

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 STUBS = Path(__file__).parent / "comfy_stubs"
 sys.path.insert(0, str(STUBS))
@@ -105,20 +104,57 @@ def test_train_validation_messages():
     assert "[0, 1]" in RPOScore.validate_inputs(prompt="a sks dog", lambda_=1.5)
 
 
-def test_train_rejects_a_non_sd_model_before_writing_anything(tmp_path):
+def _train_inputs(**changes) -> dict:
+    """RPO Train's inputs with its schema defaults (the MODEL/CLIP/VAE/scorer are filled in by each test)."""
+    values = {i.id: i.options.get("default") for i in RPOTrain.define_schema().inputs if not i.optional}
+    values.update(reference_images=torch.rand(3, 16, 16, 3), **changes)
+    return values
+
+
+def _written_files() -> list[Path]:
+    roots = [Path(folder_paths.models_dir), Path(folder_paths.get_output_directory())]
+    return [
+        f
+        for root in roots
+        if root.exists()
+        for f in root.rglob("*")
+        if f.is_file() and "rpo_scorers" not in f.parts
+    ]
+
+
+def test_train_rejects_a_non_sd_model_before_writing_anything():
     class FluxLikeConfig:
         pass
 
     class FakeBase:
         model_config = FluxLikeConfig()
+        diffusion_model = torch.nn.Linear(2, 2)
 
     class FakeModel:
         model = FakeBase()
 
-    from comfyui_nodes.adapter import check_supported_model
+    before = _written_files()
+    with pytest.raises(ValueError, match=r"Stable Diffusion 1.x / 2.x.*FluxLikeConfig.*Load Checkpoint"):
+        RPOTrain.execute(**_train_inputs(model=FakeModel(), clip=None, vae=None, scorer=None))
+    assert _written_files() == before
 
-    with pytest.raises(ValueError, match="Stable Diffusion 1.x / 2.x.*FluxLikeConfig"):
-        check_supported_model(FakeModel())
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"output_name": "../loras/evil"}, "plain file name"),
+        ({"output_name": "sub/dir"}, "plain file name"),
+        ({"identifier": " "}, "identifier must be one token"),
+        ({"class_noun": ""}, "class_noun is empty"),
+        ({"training_prompts": "a dog on the beach"}, "identifier 'sks'"),
+    ],
+)
+def test_train_bad_inputs_fail_in_execute_too_with_nothing_written(change, message):
+    """API users can skip the UI's validation; execute repeats it before touching the model or the disk."""
+    before = _written_files()
+    with pytest.raises(ValueError, match=message):
+        RPOTrain.execute(**_train_inputs(model=object(), clip=None, vae=None, scorer=None, **change))
+    assert _written_files() == before
 
 
 def test_scorer_loader_score_and_select_best(tiny_scorer_dirs, sample_images):
@@ -149,9 +185,24 @@ def test_scorer_loader_score_and_select_best(tiny_scorer_dirs, sample_images):
         RPOScorerLoader.execute("missing", "sks")
 
 
-def test_single_reference_image_is_accepted():
-    one = pil_to_comfy_image([Image.new("RGB", (16, 16), (200, 10, 10))])
-    assert len(comfy_image_to_pil(one)) == 1
+def test_references_of_different_sizes_and_a_single_reference_are_scored(tiny_scorer_dirs, sample_images):
+    from rpo_diffusers.rewards import LambdaHarmonicScorer
+
+    scorer = LambdaHarmonicScorer.from_pretrained(tiny_scorer_dirs["clip"], identifier="sks")
+    images = pil_to_comfy_image([im.resize((32, 32)) for im in sample_images[:2]])
+    sizes = [(40, 40), (24, 48), (64, 32)]
+    refs = [pil_to_comfy_image([im.resize(size)]) for im, size in zip(sample_images[2:5], sizes, strict=True)]
+    _, _, align_i, _ = RPOScore.execute(scorer, images, refs[0], "a sks dog", 0.5, refs[1], refs[2]).result
+    direct = scorer.score(
+        comfy_image_to_pil(images), "a dog", reference_images=[comfy_image_to_pil(r)[0] for r in refs]
+    )
+    assert align_i == pytest.approx(direct.image_alignment.tolist(), abs=1e-6)
+    _, _, single_i, _ = RPOScore.execute(scorer, images, refs[0], "a sks dog", 0.5).result
+    only_first = scorer.score(
+        comfy_image_to_pil(images), "a dog", reference_images=comfy_image_to_pil(refs[0])
+    )
+    assert single_i == pytest.approx(only_first.image_alignment.tolist(), abs=1e-6)
+    assert single_i != pytest.approx(align_i, abs=1e-6), "the extra references were ignored"
 
 
 def test_example_workflows_match_the_node_schemas():
@@ -167,5 +218,9 @@ def test_example_workflows_match_the_node_schemas():
         assert len(ui["links"]) == api_links
         for node in api.values():
             if node["class_type"] in schemas:
-                expected = {i.id for i in schemas[node["class_type"]].inputs}
-                assert set(node["inputs"]) == expected, (api_file.name, node["class_type"])
+                inputs = schemas[node["class_type"]].inputs
+                required = {i.id for i in inputs if not i.optional}
+                assert required <= set(node["inputs"]) <= {i.id for i in inputs}, (
+                    api_file.name,
+                    node["class_type"],
+                )

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -62,27 +63,38 @@ class Server:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as r:
             return json.loads(r.read())
 
-    def run(self, workflow: dict, timeout: float = 900) -> dict:
-        body = json.dumps({"prompt": workflow, "client_id": "rpo-test"}).encode()
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/prompt", data=body, headers={"Content-Type": "application/json"}
-        )
+    def post(self, path: str, payload: dict) -> bytes:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.read()
+
+    def submit(self, workflow: dict) -> str:
+        """Queue a workflow; a workflow ComfyUI rejects (node validation) raises AssertionError with its reason."""
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                prompt_id = json.loads(r.read())["prompt_id"]
+            return json.loads(self.post("/prompt", {"prompt": workflow, "client_id": "rpo-test"}))[
+                "prompt_id"
+            ]
         except urllib.error.HTTPError as err:
             raise AssertionError(f"ComfyUI rejected the workflow: {err.read().decode()[:3000]}") from err
+
+    def wait(self, prompt_id: str, timeout: float = 900) -> dict:
+        """The /history entry of a finished workflow (successful or not)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             history = self.get(f"/history/{prompt_id}")
             if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                entry = history[prompt_id]
-                assert entry["status"]["status_str"] == "success", (
-                    json.dumps(entry["status"])[:3000] + self.log_path.read_text()[-3000:]
-                )
-                return entry
-            time.sleep(1)
+                return history[prompt_id]
+            time.sleep(0.5)
         raise TimeoutError(f"workflow {prompt_id} did not finish in {timeout} s")
+
+    def run(self, workflow: dict, timeout: float = 900) -> dict:
+        """Submit, wait, and require success (the log tail is in the failure message)."""
+        entry = self.wait(self.submit(workflow), timeout)
+        assert entry["status"]["status_str"] == "success", (
+            json.dumps(entry["status"])[:3000] + self.log_path.read_text()[-3000:]
+        )
+        return entry
 
     def close(self) -> None:
         self.proc.terminate()
@@ -167,3 +179,25 @@ def test_bad_output_name_is_rejected_before_anything_runs(comfy):
     with pytest.raises(AssertionError, match="plain file name"):
         server.run(workflow)
     assert not list(base.rglob("escape*"))
+
+
+def test_interrupt_stops_training_promptly_and_keeps_the_best(comfy):
+    server, base = comfy
+    workflow = _tiny(json.loads((WORKFLOWS / "rpo_train_then_sample_api.json").read_text()))
+    workflow = {k: v for k, v in workflow.items() if int(k) <= 8}  # load, references, scorer, RPO Train
+    workflow["8"]["inputs"].update(steps=500, validation_interval=1, output_name="rpo_interrupted")
+    prompt_id = server.submit(workflow)
+    validation = base / "output/rpo/rpo_interrupted/validation"
+    deadline = time.time() + 600
+    while not (validation.is_dir() and len(list(validation.glob("*.png"))) >= 3):
+        assert time.time() < deadline, "training never reached its third validation"
+        time.sleep(0.5)
+    t0 = time.time()
+    server.post("/interrupt", {})
+    entry = server.wait(prompt_id, timeout=300)
+    assert time.time() - t0 < 60, "Interrupt took more than a minute to stop training"
+    assert entry["status"]["status_str"] != "success"
+    assert "execution_interrupted" in json.dumps(entry["status"]["messages"])
+    history = json.loads((base / "output/rpo/rpo_interrupted/rpo_history.json").read_text())
+    assert history["global_step"] < 500 and len(history["history"]) >= 3
+    assert (base / "models/loras/rpo_interrupted.safetensors").exists(), "the best model so far was not saved"
