@@ -602,9 +602,14 @@ def test_full_model_card_and_awkward_prompt(tmp_path):
 
 
 @contextmanager
-def _refusing_hub(status: int):
-    """A local HTTP server that answers every request with ``status``; yields (url, requests seen)."""
+def _refusing_hub(status: int, accept: tuple[str, ...] = ()):
+    """A local HTTP server that refuses requests with ``status``; yields (url, requests seen).
+
+    Paths in ``accept`` get a 200 instead (``/api/repos/create`` answers with the repo URL), so a test can
+    let ``push_to_hub`` get as far as the upload request and read what it would upload.
+    """
     seen: list[dict] = []
+    endpoint: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _deny(self):
@@ -617,8 +622,12 @@ def _refusing_hub(status: int):
                     "body": self.rfile.read(length) if length else b"",
                 }
             )
-            body = json.dumps({"error": "Invalid credentials in Authorization header"}).encode()
-            self.send_response(status)
+            code, body = status, json.dumps({"error": "Invalid credentials in Authorization header"}).encode()
+            if self.path in accept:
+                repo = json.loads(seen[-1]["body"] or b"{}")
+                reply = {"url": f"{endpoint[0]}/{repo.get('organization')}/{repo.get('name')}"}
+                code, body = 200, json.dumps(reply).encode()
+            self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -630,10 +639,11 @@ def _refusing_hub(status: int):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    endpoint.append(f"http://127.0.0.1:{server.server_port}")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}", seen
+        yield endpoint[0], seen
     finally:
         server.shutdown()
         server.server_close()
@@ -677,6 +687,41 @@ def test_push_to_hub_refused_leaves_the_folder_intact(upload_dir, monkeypatch, s
     body = json.loads(create[0]["body"])
     assert body["name"] == "rpo-dog" and body["organization"] == "someone"
     assert body.get("visibility") == "private" or body.get("private") is True
+    assert _tree_digest(upload_dir) == before
+
+
+def test_push_to_hub_uploads_the_model_not_checkpoints_logs_or_temp_folders(upload_dir, monkeypatch):
+    """The Hub accepts the repo but refuses the upload: the upload request says which files would go up."""
+    write_model_card(
+        upload_dir,
+        base_model="my/base",
+        instance_prompt="a photo of sks dog",
+        lora=True,
+        config={},
+        history=[],
+    )
+    for name in (
+        "checkpoint-10/state.json",
+        "logs/rpo/events.out",
+        ".out.tmp-1234/x",
+        "validation/step_00000.png",
+    ):
+        (upload_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (upload_dir / name).write_text("x")
+    before = _tree_digest(upload_dir)
+    with _refusing_hub(401, accept=("/api/repos/create", "/api/validate-yaml")) as (url, seen):
+        _use_endpoint(monkeypatch, url)
+        with pytest.raises(ExportError, match=f"(?s){upload_dir}.*401.*intact"):
+            push_to_hub(upload_dir, "someone/rpo-dog", token="hf_invalid")
+    yaml_check = [json.loads(r["body"]) for r in seen if r["path"] == "/api/validate-yaml"]
+    assert yaml_check and "instance_prompt" in yaml_check[0]["content"]
+    preupload = [json.loads(r["body"]) for r in seen if r["path"].endswith("/preupload/main")]
+    assert preupload, f"the upload never reached the local Hub: {[r['path'] for r in seen]}"
+    assert sorted(f["path"] for f in preupload[0]["files"]) == [
+        "README.md",
+        LORA_DIFFUSERS_FILENAME,
+        "validation/step_00000.png",
+    ]
     assert _tree_digest(upload_dir) == before
 
 
