@@ -20,6 +20,7 @@ Every stage writes its losses and timings to ``build_report.json`` next to the m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -30,34 +31,31 @@ import torch
 import torch.nn.functional as F
 
 from rpo_diffusers.testing.tokenizers import write_clip_tokenizer
-from rpo_diffusers.toy.subjects import SUBJECTS
-from rpo_diffusers.toy.world import (
-    ACCESSORIES,
-    BACKGROUNDS,
-    COLORS,
-    PATTERNS,
-    SHAPES,
-    SPLIT,
-    STYLES,
-    Scene,
-    random_scene,
-    render,
+from rpo_diffusers.toy.models import (
+    ATTRIBUTE_GROUPS,
+    SAMPLING,
+    AttributeClassifier,
+    context_hits,
+    identity_hits,
+    object_hits,
+    parse_prompt,
 )
+from rpo_diffusers.toy.subjects import EVALUATION_CONTEXTS as EVAL_CONTEXTS
+from rpo_diffusers.toy.subjects import SUBJECTS
+from rpo_diffusers.toy.world import COLORS, PATTERNS, SHAPES, SPLIT, Scene, random_scene, render
 
 SIZE = 32
 WORDS = sorted(
     {"a", "sks", "and", "on", "the", "in", "with", "at", "wearing", "hat", "van", "gogh", "style", "volcano", "background"}
     | set(SHAPES) | set(COLORS) | set(PATTERNS) | {"beach", "snow", "moon", "city", "water", "night", "forest"}
+    | {"photo", "of"}  # the instance prompt "a photo of sks ball"
+    # words of the real RPO prompts (rpo_diffusers/prompts.py), so they tokenize as words, untrained here
+    | {"vincent", "rendition", "china", "great", "wall", "top", "wooden", "roof", "statue", "liberty", "subway",
+       "platform", "outfit", "is", "swimming", "pool"}
 )  # fmt: skip
-ATTRIBUTE_GROUPS: dict[str, tuple[str, ...]] = {
-    "shape": SHAPES,
-    "color": tuple(COLORS),
-    "color2": tuple(COLORS),
-    "pattern": (*PATTERNS, SPLIT),
-    "background": BACKGROUNDS,
-    "accessory": ACCESSORIES,
-    "style": STYLES,
-}
+PHOTO_PREFIX_RATE = (
+    0.25  # captions sometimes start "a photo of ...", so the instance prompt's words are known
+)
 
 
 def log(msg: str) -> None:
@@ -88,10 +86,32 @@ def make_dataset(n: int, seed: int, sampler=random_scene) -> tuple[torch.Tensor,
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0, scenes
 
 
+def degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random blur and noise, so the judges also read the softer images a small generator draws."""
+    b = len(x)
+    blurred = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="bilinear", align_corners=False)
+    amount = (torch.rand(b, 1, 1, 1, generator=g) < 0.5).float() * torch.rand(b, 1, 1, 1, generator=g)
+    x = x + amount * (blurred - x)
+    x = x + torch.randn(x.shape, generator=g) * 0.06 * torch.rand(b, 1, 1, 1, generator=g)
+    return x.clamp(-1, 1)
+
+
 def batches(n: int, batch: int, steps: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         yield torch.randint(0, n, (batch,), generator=g)
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over 5% of the steps, then cosine decay to zero (works for any step count)."""
+    warm = max(steps // 20, 1)
+
+    def factor(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min((i - warm) / max(steps - warm, 1), 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,11 +125,12 @@ def build_vae(out: Path, data: torch.Tensor, steps: int, report: dict) -> None:
     torch.manual_seed(0)
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=SIZE,
+        block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=SIZE,
     )  # fmt: skip
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    sched = warmup_cosine(opt, steps)
     losses = []
-    for i, idx in enumerate(batches(len(data), 64, steps, 1)):
+    for i, idx in enumerate(batches(len(data), 32, steps, 1)):
         x = data[idx]
         dist = vae.encode(x).latent_dist
         rec = vae.decode(dist.sample()).sample
@@ -117,8 +138,9 @@ def build_vae(out: Path, data: torch.Tensor, steps: int, report: dict) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         losses.append(loss.item())
-        if i % 500 == 0:
+        if i % 100 == 0:
             log(f"vae step {i}: {np.mean(losses[-100:]):.4f}")
     with torch.no_grad():
         z = vae.encode(data[:512]).latent_dist.mean
@@ -132,7 +154,13 @@ def build_vae(out: Path, data: torch.Tensor, steps: int, report: dict) -> None:
 
 
 def build_sd(out: Path, data: torch.Tensor, scenes: list[Scene], steps: int, report: dict) -> None:
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     tok_dir = write_clip_tokenizer(out / "_tok", WORDS)
@@ -143,7 +171,10 @@ def build_sd(out: Path, data: torch.Tensor, scenes: list[Scene], steps: int, rep
             [vae.encode(data[i : i + 256]).latent_dist.mean for i in range(0, len(data), 256)]
         )
         latents = latents * vae.config.scaling_factor
-    captions = [s.caption() for s in scenes]
+    prefix_rng = np.random.default_rng(4)
+    captions = [
+        ("a photo of " if prefix_rng.random() < PHOTO_PREFIX_RATE else "") + s.caption() for s in scenes
+    ]
     ids = tokenizer(
         captions + [""], padding="max_length", max_length=24, truncation=True, return_tensors="pt"
     ).input_ids
@@ -154,15 +185,15 @@ def build_sd(out: Path, data: torch.Tensor, scenes: list[Scene], steps: int, rep
                                         num_attention_heads=4, max_position_embeddings=24, bos_token_id=tokenizer.bos_token_id,
                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))  # fmt: skip
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(48, 96),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
     )  # fmt: skip
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                           clip_sample=False, steps_offset=1)  # fmt: skip
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
-    lr = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-4, total_steps=steps, pct_start=0.05)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    lr = warmup_cosine(opt, steps)
     g = torch.Generator().manual_seed(2)
     losses = []
     for i, idx in enumerate(batches(len(latents), 64, steps, 3)):
@@ -182,9 +213,12 @@ def build_sd(out: Path, data: torch.Tensor, scenes: list[Scene], steps: int, rep
         opt.step()
         lr.step()
         losses.append(loss.item())
-        if i % 500 == 0:
+        if i % 100 == 0:
             log(f"sd step {i}: {np.mean(losses[-100:]):.4f}")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched, safety_checker=None,
+    sampler = DPMSolverMultistepScheduler.from_config(
+        sched.config
+    )  # few-step sampling; training re-reads it as DDPM
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sampler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)  # fmt: skip
     pipe.save_pretrained(out / "sd", safe_serialization=True)
     report["sd"] = {
@@ -194,7 +228,7 @@ def build_sd(out: Path, data: torch.Tensor, scenes: list[Scene], steps: int, rep
     }
 
 
-def _clip(out_dir: Path, data, scenes, steps, seed, hidden, layers, report_key, report):
+def _clip(out_dir: Path, data, scenes, steps, seed, hidden, layers, patch, report_key, report):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(
@@ -205,7 +239,7 @@ def _clip(out_dir: Path, data, scenes, steps, seed, hidden, layers, report_key, 
         text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, max_position_embeddings=24, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(image_size=SIZE, patch_size=4, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        vision_config=dict(image_size=SIZE, patch_size=patch, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                            num_attention_heads=4),
         projection_dim=hidden,
     )  # fmt: skip
@@ -222,20 +256,23 @@ def _clip(out_dir: Path, data, scenes, steps, seed, hidden, layers, report_key, 
         truncation=True,
         return_tensors="pt",
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    lr = warmup_cosine(opt, steps)
+    g = torch.Generator().manual_seed(seed)
     losses = []
     for i, idx in enumerate(batches(len(data), 128, steps, seed)):
         out = model(
             input_ids=ids.input_ids[idx],
             attention_mask=ids.attention_mask[idx],
-            pixel_values=data[idx],
+            pixel_values=degrade(data[idx], g),
             return_loss=True,
         )
         opt.zero_grad()
         out.loss.backward()
         opt.step()
+        lr.step()
         losses.append(out.loss.item())
-        if i % 500 == 0:
+        if i % 100 == 0:
             log(f"{report_key} step {i}: {np.mean(losses[-100:]):.4f}")
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -249,77 +286,165 @@ def _labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     }
 
 
+def attribute_loss(
+    logits: torch.Tensor, labels: dict[str, torch.Tensor], patterned: torch.Tensor, groups: list[str]
+) -> torch.Tensor:
+    """Sum of one cross-entropy per attribute group; the second colour only counts on patterned objects."""
+    loss, start = logits.new_zeros(()), 0
+    for g, values in ATTRIBUTE_GROUPS.items():
+        if g not in groups:
+            continue
+        part, y = logits[:, start : start + len(values)], labels[g]
+        start += len(values)
+        if g == "color2":
+            part, y = part[patterned], y[patterned]
+            if not len(y):
+                continue
+        loss = loss + F.cross_entropy(part, y)
+    return loss
+
+
+def train_attributes(
+    model, head, data, scenes, groups: list[str], steps: int, seed: int, key: str
+) -> list[float]:
+    """Supervised training of a ViT on the scene attributes in ``groups`` (with blur/noise augmentation)."""
+    labels = _labels(scenes)
+    patterned = torch.tensor([s.pattern != "plain" for s in scenes])
+    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    lr = warmup_cosine(opt, steps)
+    g = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    for i, idx in enumerate(batches(len(data), 128, steps, seed)):
+        x = degrade(data[idx], g)
+        if head is None:
+            logits = model(pixel_values=x).logits
+        else:
+            logits = head(model(pixel_values=x).last_hidden_state[:, 0])
+        loss = attribute_loss(logits, {k: v[idx] for k, v in labels.items()}, patterned[idx], groups)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        lr.step()
+        losses.append(loss.item())
+        if i % 100 == 0:
+            log(f"{key} step {i}: {np.mean(losses[-100:]):.4f}")
+    return losses
+
+
+def _vit_processor():
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
 def build_classifier(out: Path, data, scenes, steps: int, report: dict) -> None:
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    """The ground-truth judge: one label group per scene attribute ("shape:ball", "background:beach", ...)."""
+    from transformers import ViTConfig, ViTForImageClassification
 
     labels = [f"{g}:{v}" for g, values in ATTRIBUTE_GROUPS.items() for v in values]
     torch.manual_seed(5)
     model = ViTForImageClassification(ViTConfig(image_size=SIZE, patch_size=4, hidden_size=96, intermediate_size=192,
-                                                num_hidden_layers=4, num_attention_heads=4, num_labels=len(labels),
+                                                num_hidden_layers=3, num_attention_heads=4, num_labels=len(labels),
                                                 id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)}))  # fmt: skip
-    y = _labels(scenes)
-    offsets, start = {}, 0
-    for g, values in ATTRIBUTE_GROUPS.items():
-        offsets[g] = (start, start + len(values))
-        start += len(values)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
-    losses = []
-    for i, idx in enumerate(batches(len(data), 128, steps, 6)):
-        logits = model(pixel_values=data[idx]).logits
-        loss = sum(
-            F.cross_entropy(logits[:, a:b], y[g][idx]) for g, (a, b) in offsets.items() if g != "color2"
-        )
-        # color2 only matters for patterned objects
-        patterned = torch.tensor([scenes[j].pattern != "plain" for j in idx.tolist()])
-        if patterned.any():
-            a, b = offsets["color2"]
-            loss = loss + F.cross_entropy(logits[patterned, a:b], y["color2"][idx][patterned])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if i % 500 == 0:
-            log(f"classifier step {i}: {np.mean(losses[-100:]):.4f}")
+    losses = train_attributes(model, None, data, scenes, list(ATTRIBUTE_GROUPS), steps, 6, "classifier")
     model.save_pretrained(out / "classifier")
-    ViTImageProcessor(
-        size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    ).save_pretrained(out / "classifier")
+    _vit_processor().save_pretrained(out / "classifier")
     report["classifier"] = {"steps": steps, "final_loss": float(np.mean(losses[-100:]))}
 
 
 def build_dino(out: Path, data, scenes, steps: int, report: dict) -> None:
-    """A ViT whose CLS feature clusters by object identity (shape, colours, pattern), whatever the context."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+    """A ViT whose CLS feature encodes object identity (shape, colours, pattern), not the context: trained
+    with identity heads on the CLS token, then saved without them."""
+    from transformers import ViTConfig, ViTModel
 
-    identity = [f"{s.shape}|{s.color}|{s.color2 if s.pattern != 'plain' else ''}|{s.pattern}" for s in scenes]
-    ids = {k: i for i, k in enumerate(sorted(set(identity)))}
-    y = torch.tensor([ids[k] for k in identity])
+    groups = ["shape", "color", "color2", "pattern"]
     torch.manual_seed(7)
     model = ViTModel(ViTConfig(image_size=SIZE, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                num_attention_heads=4), add_pooling_layer=False)  # fmt: skip
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
-    losses = []
-    for i, idx in enumerate(batches(len(data), 128, steps, 8)):
-        f = F.normalize(model(pixel_values=data[idx]).last_hidden_state[:, 0], dim=-1)
-        sim = f @ f.T / 0.1
-        same = (y[idx][:, None] == y[idx][None]).float() - torch.eye(len(idx))
-        log_prob = sim - torch.logsumexp(sim - 1e9 * torch.eye(len(idx)), dim=1, keepdim=True)
-        has = same.sum(1) > 0
-        loss = -((same * log_prob).sum(1)[has] / same.sum(1)[has]).mean()  # supervised contrastive
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if i % 500 == 0:
-            log(f"dino step {i}: {np.mean(losses[-100:]):.4f}")
+    head = torch.nn.Linear(64, sum(len(ATTRIBUTE_GROUPS[k]) for k in groups))
+    losses = train_attributes(model, head, data, scenes, groups, steps, 8, "dino_eval")
     model.save_pretrained(out / "dino_eval")
-    ViTImageProcessor(
-        size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    ).save_pretrained(out / "dino_eval")
+    _vit_processor().save_pretrained(out / "dino_eval")
     report["dino_eval"] = {"steps": steps, "final_loss": float(np.mean(losses[-100:]))}
 
 
-STAGES = ("vae", "sd", "scorer", "clip_eval", "dino_eval", "classifier")
+# ------------------------------------------------------------------------------------------------
+# measuring the testbed
+# ------------------------------------------------------------------------------------------------
+
+
+def generate(pipe, prompts: list[str], seed: int) -> list:
+    """One image per prompt with the bundled sampling settings, seeded per image."""
+    images = []
+    for start in range(0, len(prompts), 32):
+        chunk = prompts[start : start + 32]
+        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        images += pipe(
+            chunk, height=SAMPLING["resolution"], width=SAMPLING["resolution"], generator=gens,
+            num_inference_steps=SAMPLING["num_inference_steps"], guidance_scale=SAMPLING["guidance_scale"],
+        ).images  # fmt: skip
+    return images
+
+
+def _rate(hits: list[bool]) -> float:
+    return round(float(np.mean(hits)), 3)
+
+
+def evaluate(out: Path, report: dict, n_prompts: int) -> None:
+    """The numbers that say whether the world is a faithful testbed (written to build_report.json)."""
+    from diffusers import StableDiffusionPipeline
+
+    from rpo_diffusers.data import make_image_grid
+
+    clf = AttributeClassifier.from_pretrained(out / "classifier")
+    rng = np.random.default_rng(99)
+    scenes = [classifier_scene(rng) for _ in range(n_prompts * 4)]
+    preds = clf.predict([render(s, size=SIZE, seed=50_000 + i) for i, s in enumerate(scenes)])
+    judge = {
+        g: _rate(
+            [p[g] == getattr(s, g) for p, s in zip(preds, scenes) if g != "color2" or s.pattern != "plain"]
+        )
+        for g in ATTRIBUTE_GROUPS
+    }
+    result: dict = {"classifier_on_fresh_renders": judge, "sampling": SAMPLING}
+    pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(123)
+    prompts = [random_scene(rng).caption() for _ in range(n_prompts)]
+    images = generate(pipe, prompts, seed=0)
+    make_image_grid(images[:32], rows=4).save(out / "samples_base.png")
+    result["base_model_on_heldout_prompts"] = {
+        "prompts": len(prompts),
+        "context_accuracy": _rate(context_hits(images, prompts, clf)),
+        "object_accuracy": _rate(object_hits(images, prompts, clf)),
+        "background_accuracy": _rate(
+            [p["background"] == parse_prompt(q)["background"] for p, q in zip(clf.predict(images), prompts)]
+        ),
+    }
+    subjects = {}
+    for name, subject in SUBJECTS.items():
+        refs = subject.reference_images(SIZE)
+        evals = [p for p in subject.evaluation_prompts() for _ in range(2)]
+        sks_images = generate(pipe, evals, seed=1000)
+        desc_images = generate(
+            pipe, [f"a {subject.color} and {subject.color2} {subject.shape}"] * 4, seed=2000
+        )
+        subjects[name] = {
+            "references_identity": _rate(identity_hits(refs, subject, classifier=clf)),
+            "renders_in_eval_contexts_identity": _rate(identity_hits(
+                [render(subject.scene(**c), size=SIZE, seed=7 + i) for i, c in enumerate(EVAL_CONTEXTS)], subject,
+                [subject.prompt(c) for c in EVAL_CONTEXTS], clf)),
+            "base_model_identity_with_identifier": _rate(identity_hits(sks_images, subject, evals, clf)),
+            "base_model_context_with_identifier": _rate(context_hits(sks_images, evals, clf)),
+            "base_model_identity_when_described": _rate(identity_hits(desc_images, subject, classifier=clf)),
+        }  # fmt: skip
+    result["subjects"] = subjects
+    report["faithfulness"] = result
+    log(json.dumps(result, indent=1))
+
+
+STAGES = ("vae", "sd", "scorer", "clip_eval", "dino_eval", "classifier", "evaluate")
 
 
 def main(argv=None) -> None:
@@ -327,7 +452,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output", default="rpo_diffusers/toy/assets")
     parser.add_argument("--quick", action="store_true", help="tiny data and step counts: a smoke test")
     parser.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -336,27 +461,46 @@ def main(argv=None) -> None:
     report_path = out / "build_report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     scale = 0.01 if args.quick else 1.0
-    n = max(int(20000 * scale), 256)
+    n = max(int(16000 * scale), 256)
 
     def steps(k: int) -> int:
         return max(int(k * scale), 20)
 
     t0 = time.perf_counter()
-    data, scenes = make_dataset(n, seed=0)
-    judge_data, judge_scenes = make_dataset(n, seed=1, sampler=classifier_scene)
-    log(f"rendered {2 * n} images in {time.perf_counter() - t0:.0f}s")
+
+    @functools.cache
+    def base() -> tuple[torch.Tensor, list[Scene]]:
+        t = time.perf_counter()
+        made = make_dataset(n, seed=0)
+        log(f"rendered {n} base-distribution images in {time.perf_counter() - t:.0f}s")
+        return made
+
+    @functools.cache
+    def judge() -> tuple[torch.Tensor, list[Scene]]:
+        t = time.perf_counter()
+        made = make_dataset(n, seed=1, sampler=classifier_scene)
+        log(f"rendered {n} judge images (with the held-out pattern) in {time.perf_counter() - t:.0f}s")
+        return made
+
+    @functools.cache
+    def scorer_data() -> tuple[torch.Tensor, list[Scene]]:
+        # the ALIGN stand-in has seen every appearance (like a web-scale model), from its own sample
+        return make_dataset(n, seed=2, sampler=classifier_scene)
+
     jobs = {
-        "vae": (lambda: build_vae(out, data, steps(3000), report), out / "sd" / "vae" / "config.json"),
-        "sd": (lambda: build_sd(out, data, scenes, steps(12000), report), out / "sd" / "model_index.json"),
-        "scorer": (lambda: _clip(out / "scorer", data, scenes, steps(3000), 11, 64, 3, "scorer", report), out / "scorer" / "config.json"),
-        "clip_eval": (lambda: _clip(out / "clip_eval", judge_data, judge_scenes, steps(3000), 12, 96, 2, "clip_eval", report),
+        "vae": (lambda: build_vae(out, base()[0], steps(900), report), out / "sd" / "vae" / "config.json"),
+        "sd": (lambda: build_sd(out, *base(), steps(1600), report), out / "sd" / "model_index.json"),
+        "scorer": (lambda: _clip(out / "scorer", *scorer_data(), steps(800), 11, 64, 3, 4, "scorer", report),
+                   out / "scorer" / "config.json"),
+        "clip_eval": (lambda: _clip(out / "clip_eval", *judge(), steps(800), 12, 96, 2, 8, "clip_eval", report),
                       out / "clip_eval" / "config.json"),
-        "dino_eval": (lambda: build_dino(out, judge_data, judge_scenes, steps(2000), report), out / "dino_eval" / "config.json"),
-        "classifier": (lambda: build_classifier(out, judge_data, judge_scenes, steps(3000), report), out / "classifier" / "config.json"),
+        "dino_eval": (lambda: build_dino(out, *judge(), steps(600), report), out / "dino_eval" / "config.json"),
+        "classifier": (lambda: build_classifier(out, *judge(), steps(1000), report), out / "classifier" / "config.json"),
+        "evaluate": (lambda: evaluate(out, report, 16 if args.quick else 96), None),
     }  # fmt: skip
     for stage in args.stages:
         fn, done = jobs[stage]
-        if done.exists():
+        if done is not None and done.exists():
             log(f"{stage}: already built, skipping")
             continue
         t = time.perf_counter()
