@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 
 from rpo_diffusers.data import load_image_folder
 from rpo_diffusers.prompts import has_identifier
 from rpo_diffusers.toy import SUBJECTS, Scene, get_subject, random_scene, render
+from rpo_diffusers.toy.models import (
+    ASSETS_DIR,
+    ATTRIBUTE_GROUPS,
+    SAMPLING,
+    AttributeClassifier,
+    asset_path,
+    assets_available,
+    context_accuracy,
+    context_hits,
+    identity_accuracy,
+    identity_hits,
+    load_evaluator,
+    load_pipeline,
+    load_scorer,
+    object_accuracy,
+    parse_prompt,
+)
 from rpo_diffusers.toy.subjects import EVALUATION_CONTEXTS, TRAINING_CONTEXTS
 from rpo_diffusers.toy.world import BACKGROUNDS, COLORS, SPLIT
 
@@ -83,3 +103,148 @@ def test_subjects_have_references_on_one_background_and_prompts(name, tmp_path):
 def test_unknown_subject():
     with pytest.raises(ValueError, match="Unknown toy subject"):
         get_subject("nope")
+
+
+# ------------------------------------------------------------------------------------------------
+# prompts read back into ground truth, and the judge's logic on a real (controlled) classifier
+# ------------------------------------------------------------------------------------------------
+
+
+def test_parse_prompt_recovers_every_caption_of_the_base_distribution():
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        scene = random_scene(rng)
+        parsed = parse_prompt(scene.caption())
+        for key in ("shape", "color", "pattern", "background", "accessory", "style"):
+            assert parsed[key] == getattr(scene, key), (scene.caption(), key)
+        assert "identity" not in parsed and parse_prompt("a photo of " + scene.caption()) == parsed
+
+
+@pytest.mark.parametrize("name", sorted(SUBJECTS))
+def test_parse_prompt_reads_subject_prompts(name):
+    subject = get_subject(name)
+    for context, prompt in zip(EVALUATION_CONTEXTS, subject.evaluation_prompts(), strict=True):
+        parsed = parse_prompt(prompt)
+        expected = subject.scene(**context)
+        assert parsed["identity"] == "yes" and parsed["shape"] == subject.shape
+        assert [parsed[k] for k in ("background", "accessory", "style")] == [
+            expected.background,
+            expected.accessory,
+            expected.style,
+        ]
+        assert parsed.get("color") == context.get("color")
+    described = parse_prompt(f"a {subject.color} and {subject.color2} {subject.shape}")
+    assert (described["pattern"], described["color2"]) == (SPLIT, subject.color2)
+
+
+def test_parse_prompt_rejects_foreign_prompts():
+    with pytest.raises(ValueError, match="shape"):
+        parse_prompt("a sks dog on the beach")
+    with pytest.raises(ValueError, match="Unknown word"):
+        parse_prompt("a shiny ball")
+
+
+def _biased_classifier(tmp_path, **chosen: str):
+    """A real ViTForImageClassification whose output ignores the image and picks ``chosen`` labels."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    labels = [f"{g}:{v}" for g, values in ATTRIBUTE_GROUPS.items() for v in values]
+    model = ViTForImageClassification(
+        ViTConfig(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                  label2id={v: i for i, v in enumerate(labels)})
+    )  # fmt: skip
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+        for group, value in chosen.items():
+            model.classifier.bias[labels.index(f"{group}:{value}")] = 5.0
+    model.save_pretrained(tmp_path / "clf")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "clf")
+    return AttributeClassifier.from_pretrained(tmp_path / "clf")
+
+
+def test_identity_and_context_hits_follow_the_classifier(tmp_path):
+    subject = get_subject("redblue_ball")
+    clf = _biased_classifier(
+        tmp_path, shape="ball", color="red", color2="blue", pattern=SPLIT, background="moon", accessory="none",
+        style="photo",
+    )  # fmt: skip
+    images = subject.reference_images()[:2]
+    assert clf.predict(images)[0] == {
+        "shape": "ball", "color": "red", "color2": "blue", "pattern": SPLIT, "background": "moon",
+        "accessory": "none", "style": "photo",
+    }  # fmt: skip
+    assert identity_accuracy(images, subject, classifier=clf) == 1.0
+    assert identity_accuracy(images, get_subject("yellowpurple_box"), classifier=clf) == 0.0
+    # a colour-change prompt expects the new colour, so the red object is not "a green sks ball"
+    assert identity_hits(images, subject, ["a sks ball on the moon", "a green sks ball"], clf) == [
+        True,
+        False,
+    ]
+    assert context_hits(images, ["a sks ball on the moon", "a sks ball on the beach"], clf) == [True, False]
+    assert context_accuracy(images, ["a sks ball on the moon wearing a hat"] * 2, clf) == 0.0
+    assert object_accuracy(images, ["a red and blue ball on the moon", "a red ball"], clf) == 0.5
+    with pytest.raises(ValueError, match="one prompt per image"):
+        context_accuracy(images, ["a sks ball"], clf)
+
+
+def test_missing_assets_name_the_build_command(tmp_path):
+    assert not assets_available(tmp_path)
+    with pytest.raises(FileNotFoundError, match="build_toy_world.py"):
+        asset_path("sd", tmp_path)
+    with pytest.raises(ValueError, match="Unknown toy model"):
+        asset_path("vae")
+
+
+# ------------------------------------------------------------------------------------------------
+# the bundled models (skipped until they are built and committed)
+# ------------------------------------------------------------------------------------------------
+
+needs_assets = pytest.mark.skipif(not assets_available(), reason="toy world models not built/committed yet")
+
+
+@needs_assets
+def test_bundled_models_load_through_from_pretrained():
+    from diffusers import StableDiffusionPipeline
+
+    from rpo_diffusers.metrics import DreamBenchEvaluator
+    from rpo_diffusers.rewards import LambdaHarmonicScorer
+
+    pipe = load_pipeline()
+    assert isinstance(pipe, StableDiffusionPipeline) and "sks</w>" in pipe.tokenizer.get_vocab()
+    assert isinstance(load_scorer(), LambdaHarmonicScorer)
+    assert isinstance(load_evaluator(), DreamBenchEvaluator)
+    assert asset_path("scorer") != asset_path("clip_eval")
+    report = json.loads((ASSETS_DIR / "build_report.json").read_text())
+    assert "faithfulness" in report and report["total_mb"] <= 25
+
+
+@needs_assets
+def test_bundled_classifier_is_right_on_fresh_renders():
+    rng = np.random.default_rng(2024)
+    scenes = [random_scene(rng) for _ in range(48)]
+    images = [render(s, seed=900 + i) for i, s in enumerate(scenes)]
+    assert context_accuracy(images, [s.caption() for s in scenes]) >= 0.7
+    for subject in SUBJECTS.values():
+        prompts = subject.evaluation_prompts()
+        renders = [render(subject.scene(**c), seed=i) for i, c in enumerate(EVALUATION_CONTEXTS)]
+        assert identity_accuracy(renders, subject, prompts) >= 0.6, subject.name
+        assert identity_accuracy(subject.reference_images(), subject) >= 0.6, subject.name
+
+
+@needs_assets
+def test_bundled_pipeline_draws_a_prompts_context():
+    pipe = load_pipeline()
+    prompts = [
+        "a red ball at night",
+        "a yellow box on the beach",
+        "a blue cone in the snow",
+        "a green ring on the moon",
+    ]
+    images = pipe(
+        prompts, height=SAMPLING["resolution"], width=SAMPLING["resolution"],
+        num_inference_steps=SAMPLING["num_inference_steps"], guidance_scale=SAMPLING["guidance_scale"],
+        generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+    ).images  # fmt: skip
+    assert context_accuracy(images, prompts) >= 0.5

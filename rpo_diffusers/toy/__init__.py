@@ -1,9 +1,44 @@
-"""The bundled toy world: a procedural renderer, held-out subjects, and (once built) small trained models.
+"""The bundled toy world: a procedural renderer, held-out subjects, and small trained models.
 
-See ``world.py`` for the scenes and ``subjects.py`` for the subjects RPO personalizes.
+See ``world.py`` for the scenes, ``subjects.py`` for the subjects RPO personalizes and ``models.py`` for
+the bundled models (Stable Diffusion, scorer, evaluation encoders) and the ground-truth judge.
 """
 
+from .models import (
+    SAMPLING,
+    AttributeClassifier,
+    asset_path,
+    assets_available,
+    context_accuracy,
+    identity_accuracy,
+    load_classifier,
+    load_evaluator,
+    load_pipeline,
+    load_scorer,
+    object_accuracy,
+    parse_prompt,
+)
 from .subjects import SUBJECTS, Subject, get_subject, list_subjects
 from .world import Scene, random_scene, render
 
-__all__ = ["SUBJECTS", "Scene", "Subject", "get_subject", "list_subjects", "random_scene", "render"]
+__all__ = [
+    "SAMPLING",
+    "SUBJECTS",
+    "AttributeClassifier",
+    "Scene",
+    "Subject",
+    "asset_path",
+    "assets_available",
+    "context_accuracy",
+    "get_subject",
+    "identity_accuracy",
+    "list_subjects",
+    "load_classifier",
+    "load_evaluator",
+    "load_pipeline",
+    "load_scorer",
+    "object_accuracy",
+    "parse_prompt",
+    "random_scene",
+    "render",
+]

@@ -37,7 +37,8 @@ from .world import (
     STYLES,
 )
 
-ASSETS_DIR = Path(__file__).with_name("assets")
+# RPO_TOY_ASSETS points at another build (e.g. a fresh one in /tmp) without touching the package.
+ASSETS_DIR = Path(os.environ.get("RPO_TOY_ASSETS") or Path(__file__).with_name("assets"))
 MODEL_NAMES = ("sd", "scorer", "clip_eval", "dino_eval", "classifier")
 # One label group per scene attribute; the classifier's id2label holds "group:value" for each.
 ATTRIBUTE_GROUPS: dict[str, tuple[str, ...]] = {
