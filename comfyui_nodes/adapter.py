@@ -26,16 +26,40 @@ SUPPORTED_MODEL_CONFIGS = ("SD15", "SD20")
 
 
 class ComfyDenoiser(nn.Module):
-    """ComfyUI's LDM ``UNetModel`` with the loop's call signature (DDPM-space input, integer timesteps)."""
+    """ComfyUI's LDM ``UNetModel`` with the loop's call signature (DDPM-space input, integer timesteps).
 
-    def __init__(self, unet: nn.Module) -> None:
+    Args:
+        compute_dtype: the dtype the UNet computes in (ComfyUI keeps checkpoints in fp16 / bf16 on GPUs, and
+            casts inputs itself in ``BaseModel._apply_model``); ``None`` = the inputs' own dtype (the fp32 copy).
+        before_forward: called before every UNet call; it may raise to stop (ComfyUI's Interrupt), so a stop
+            waits for at most one forward or backward pass, not a whole training step.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        compute_dtype: torch.dtype | None = None,
+        before_forward: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__()
         self.unet = unet
+        self.compute_dtype = compute_dtype
+        self.before_forward = before_forward
 
     def forward(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor
     ) -> torch.Tensor:
-        return self.unet(noisy_latents, timesteps=timesteps, context=conditioning)
+        if self.before_forward is not None:
+            self.before_forward()
+        if self.compute_dtype is None:
+            return self.unet(noisy_latents, timesteps=timesteps, context=conditioning)
+        device = next(self.unet.parameters()).device
+        out = self.unet(
+            noisy_latents.to(device, self.compute_dtype),
+            timesteps=timesteps.to(device),
+            context=conditioning.to(device, self.compute_dtype),
+        )
+        return out.to(noisy_latents.device, torch.float32)
 
 
 def check_supported_model(model: Any) -> str:
@@ -83,8 +107,8 @@ class ComfyComponents(DiffusionComponents):
     Args:
         model, clip, vae: what Load Checkpoint outputs.
         output_file: where :meth:`export` writes the trained LoRA / UNet (under ComfyUI's models folders).
-        on_sampling_step: called as ``fn(step, total)`` after every sampling step; it may raise to stop (ComfyUI's
-            Interrupt), so generating the training set and validation images stop promptly too.
+        on_sampling_step: called as ``fn(step, total)`` after every sampling step (progress).
+        check_interrupt: called before every UNet call (training, reference and sampling); it raises to stop.
     """
 
     def __init__(
@@ -94,6 +118,7 @@ class ComfyComponents(DiffusionComponents):
         vae: Any,
         output_file: str | os.PathLike,
         on_sampling_step: Callable[[int, int], None] | None = None,
+        check_interrupt: Callable[[], None] | None = None,
     ) -> None:
         import comfy.model_management
 
@@ -105,7 +130,8 @@ class ComfyComponents(DiffusionComponents):
         self.base_unet = model.model.diffusion_model
         # Train a copy (cloned out of inference mode): the user's MODEL stays untouched and is the reference.
         self.train_unet = copy.deepcopy(self.base_unet).float().requires_grad_(True).train()
-        self.denoiser = ComfyDenoiser(self.train_unet)
+        self.check_interrupt = check_interrupt
+        self.denoiser = ComfyDenoiser(self.train_unet, before_forward=check_interrupt)
         self.noise_scheduler = ddpm_scheduler_for(model)
         self.output_file = Path(output_file)
         self.is_lora = False
@@ -203,7 +229,14 @@ class ComfyComponents(DiffusionComponents):
                 for layer in layers:
                     layer.enable_adapters(True)
             return
-        yield ComfyDenoiser(self.base_unet)  # the user's untouched UNet is the frozen reference
+        # The user's untouched UNet is the frozen reference, in its own dtype; ComfyUI may have offloaded it
+        # (e.g. to make room for the VAE), so it is loaded back first.
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([self.model_patcher])
+        base = self.model_patcher.model
+        dtype = base.manual_cast_dtype or base.get_dtype()
+        yield ComfyDenoiser(self.base_unet, compute_dtype=dtype, before_forward=self.check_interrupt)
 
     # -- export ----------------------------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:

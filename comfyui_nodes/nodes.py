@@ -361,17 +361,21 @@ class RPOTrain(io.ComfyNode):
         bar = comfy.utils.ProgressBar(steps)
 
         def on_sampling_step(step: int, total: int) -> None:  # while images are drawn
-            comfy.model_management.throw_exception_if_processing_interrupted()
             bar.update_absolute(step, total)
 
         def on_event(event: str, payload: dict) -> None:
-            comfy.model_management.throw_exception_if_processing_interrupted()  # Interrupt: stop, keep the best
             if event == "step":
                 bar.update_absolute(payload["step"], payload["total"])
 
         with torch.inference_mode(False):
             components = ComfyComponents(
-                model, clip, vae, output_file=target, on_sampling_step=on_sampling_step
+                model,
+                clip,
+                vae,
+                output_file=target,
+                on_sampling_step=on_sampling_step,
+                # Interrupt: checked before every UNet call; RPOTrainer then saves the best model so far.
+                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
             )
             trainer = RPOTrainer(config, components, scorer, refs, callbacks=[on_event])
             result = trainer.train()

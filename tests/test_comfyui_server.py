@@ -117,8 +117,8 @@ def comfy(tmp_path_factory):
     build_sd15_shaped_pipeline(base / "models/diffusers/sd15")
     build_tiny_scorer(base / "models/rpo_scorers/align-base", "align", image_size=32)
     rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+    for i, (w, h) in enumerate([(64, 64), (48, 80), (80, 56)]):  # references of different sizes
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
             base / "input" / f"subject_{i:02d}.png"
         )
     server = Server(base)
@@ -172,13 +172,31 @@ def test_train_then_sample_then_load_with_lora_loader(comfy):
     assert "reward" in json.dumps(entry["outputs"]["12"])
 
 
-def test_bad_output_name_is_rejected_before_anything_runs(comfy):
+@pytest.mark.parametrize(
+    ("node", "field", "value", "message"),
+    [
+        ("8", "output_name", "../../escape", "plain file name"),
+        ("8", "output_name", "sub/escape", "plain file name"),
+        ("8", "identifier", "", "identifier must be one token"),
+        ("8", "training_prompts", "a dog on the beach", "identifier 'sks'"),
+    ],
+)
+def test_bad_train_inputs_are_rejected_before_anything_runs(comfy, node, field, value, message):
     server, base = comfy
     workflow = _tiny(json.loads((WORKFLOWS / "rpo_train_then_sample_api.json").read_text()))
-    workflow["8"]["inputs"]["output_name"] = "../../escape"
-    with pytest.raises(AssertionError, match="plain file name"):
-        server.run(workflow)
-    assert not list(base.rglob("escape*"))
+    workflow[node]["inputs"][field] = value
+    before = sorted(p for p in base.rglob("*") if p.is_file() and p.name != "comfyui.log")
+    with pytest.raises(AssertionError, match=message):
+        server.submit(workflow)
+    assert sorted(p for p in base.rglob("*") if p.is_file() and p.name != "comfyui.log") == before
+
+
+def test_empty_score_prompt_is_rejected(comfy):
+    server, _ = comfy
+    workflow = _tiny(json.loads((WORKFLOWS / "rpo_generate_score_select_api.json").read_text()))
+    workflow["12"]["inputs"]["prompt"] = "  "
+    with pytest.raises(AssertionError, match="prompt is empty"):
+        server.submit(workflow)
 
 
 def test_interrupt_stops_training_promptly_and_keeps_the_best(comfy):
@@ -189,15 +207,36 @@ def test_interrupt_stops_training_promptly_and_keeps_the_best(comfy):
     prompt_id = server.submit(workflow)
     validation = base / "output/rpo/rpo_interrupted/validation"
     deadline = time.time() + 600
-    while not (validation.is_dir() and len(list(validation.glob("*.png"))) >= 3):
-        assert time.time() < deadline, "training never reached its third validation"
+    while not (validation / "step_00001.png").exists():  # the base model's validation, then step 1's
+        assert time.time() < deadline, "training never reached its second validation"
         time.sleep(0.5)
     t0 = time.time()
     server.post("/interrupt", {})
     entry = server.wait(prompt_id, timeout=300)
-    assert time.time() - t0 < 60, "Interrupt took more than a minute to stop training"
+    stopped_in = time.time() - t0
     assert entry["status"]["status_str"] != "success"
     assert "execution_interrupted" in json.dumps(entry["status"]["messages"])
     history = json.loads((base / "output/rpo/rpo_interrupted/rpo_history.json").read_text())
-    assert history["global_step"] < 500 and len(history["history"]) >= 3
+    # Promptly: within the step that was running (no further validation), whatever this machine's speed.
+    assert history["global_step"] <= 2 and [h["step"] for h in history["history"]] == [0, 1], history
+    assert stopped_in < 300, f"Interrupt took {stopped_in:.0f} s"
+    print(f"Interrupt stopped training {stopped_in:.1f} s after it was pressed")
     assert (base / "models/loras/rpo_interrupted.safetensors").exists(), "the best model so far was not saved"
+
+
+def test_pip_installed_pack_loads_from_a_one_line_file(tmp_path):
+    """The README's second install route: the package in ComfyUI's Python and one line in custom_nodes."""
+    python = os.environ.get("COMFYUI_PYTHON", "python")
+    if subprocess.run([python, "-c", "import comfyui_nodes"], capture_output=True).returncode != 0:
+        pytest.skip("rpo-diffusers is not installed in ComfyUI's Python")
+    (tmp_path / "custom_nodes").mkdir()
+    (tmp_path / "custom_nodes" / "rpo_diffusers_nodes.py").write_text(
+        "from comfyui_nodes import comfy_entrypoint\n"
+    )
+    server = Server(tmp_path)
+    try:
+        info = server.get("/object_info")
+        assert {"RPOScorerLoader", "RPOScore", "RPOSelectBest", "RPOTrain"} <= set(info)
+        assert info["RPOTrain"]["input"]["optional"].keys() == {"reference_images_2", "reference_images_3"}
+    finally:
+        server.close()

@@ -58,7 +58,9 @@ def convert(api: dict, object_info: dict) -> dict:
                 if _is_widget(spec):
                     entry["widget"] = {"name": name}
                 inputs.append(entry)
-            elif _is_widget(spec):
+            elif not _is_widget(spec):  # an unconnected socket (e.g. an optional IMAGE) stays on the node
+                inputs.append({"name": name, "type": spec[0], "link": None})
+            else:
                 widgets.append(value)
                 if name in SEED_WIDGETS:
                     widgets.append("fixed")
