@@ -23,6 +23,7 @@ import argparse
 import functools
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -440,11 +441,87 @@ def evaluate(out: Path, report: dict, n_prompts: int) -> None:
             "base_model_identity_when_described": _rate(identity_hits(desc_images, subject, classifier=clf)),
         }  # fmt: skip
     result["subjects"] = subjects
+    result["encoders_same_vs_other_subject"] = encoder_separation(out)
     report["faithfulness"] = result
     log(json.dumps(result, indent=1))
 
 
-STAGES = ("vae", "sd", "scorer", "clip_eval", "dino_eval", "classifier", "evaluate")
+def encoder_separation(out: Path) -> dict[str, dict[str, float]]:
+    """Mean cosine between a subject's references and its renders in the evaluation contexts, against the
+    same for other subjects' references: the DINO, CLIP and scorer stand-ins should tell subjects apart."""
+    from rpo_diffusers.metrics import DreamBenchEvaluator, mean_pairwise_cosine
+    from rpo_diffusers.rewards import LambdaHarmonicScorer
+
+    evaluator = DreamBenchEvaluator.from_pretrained(dino=out / "dino_eval", clip=out / "clip_eval")
+    scorer = LambdaHarmonicScorer.from_pretrained(out / "scorer")
+    encoders = {
+        "dino_eval": evaluator.dino_features, "clip_eval": evaluator.clip_image_features,
+        "scorer": scorer.embed_images,
+    }  # fmt: skip
+    refs = {name: s.reference_images(SIZE) for name, s in SUBJECTS.items()}
+    renders = {
+        name: [render(s.scene(**c), size=SIZE, seed=300 + i) for i, c in enumerate(EVAL_CONTEXTS)]
+        for name, s in SUBJECTS.items()
+    }
+    result = {}
+    for key, encode in encoders.items():
+        ref_f = {n: encode(v) for n, v in refs.items()}
+        ren_f = {n: encode(v) for n, v in renders.items()}
+        same = [mean_pairwise_cosine(ren_f[n], ref_f[n]) for n in SUBJECTS]
+        other = [mean_pairwise_cosine(ren_f[n], ref_f[m]) for n in SUBJECTS for m in SUBJECTS if m != n]
+        result[key] = {
+            "same_subject": round(float(np.mean(same)), 3),
+            "other_subject": round(float(np.mean(other)), 3),
+        }
+    return result
+
+
+def grid_cells(grid, rows: int, cols: int) -> list:
+    """Cut a validation grid (row-major, one prompt per row) back into its images."""
+    w, h = grid.size[0] // cols, grid.size[1] // rows
+    return [grid.crop((c * w, r * h, (c + 1) * w, (r + 1) * h)) for r in range(rows) for c in range(cols)]
+
+
+def overfit(out: Path, report: dict, steps: int, subject_name: str, learning_rate: float) -> None:
+    """DreamBooth without prior preservation (pure L_sim, no preference term, no early stopping) on one
+    subject: identity and context accuracy of held-out-prompt images at every validation step."""
+    from PIL import Image
+
+    from rpo_diffusers.config import RPOConfig
+    from rpo_diffusers.trainer import RPOTrainer
+
+    subject = SUBJECTS[subject_name]
+    run_dir = out / "_overfit_run"
+    val_prompts = subject.evaluation_prompts()
+    cfg = RPOConfig(
+        pretrained_model_name_or_path=str(out / "sd"), scorer_model_name_or_path=str(out / "scorer"),
+        class_noun=subject.class_noun, train_prompts=subject.training_prompts(), validation_prompts=val_prompts,
+        pref_loss_weight=0.0, max_train_steps=steps, learning_rate=learning_rate, validation_steps=max(steps // 4, 1),
+        num_validation_images=2, images_per_prompt=1, resolution=SAMPLING["resolution"],
+        num_inference_steps=SAMPLING["num_inference_steps"], guidance_scale=SAMPLING["guidance_scale"],
+        output_dir=str(run_dir), report_to="none", seed=0,
+    )  # fmt: skip
+    result = RPOTrainer(cfg, reference_images=subject.reference_images(SIZE)).train()
+    clf = AttributeClassifier.from_pretrained(out / "classifier")
+    prompts = [p for p in val_prompts for _ in range(2)]
+    curve = []
+    for entry in result.history:
+        grid = Image.open(run_dir / "validation" / f"step_{entry['step']:05d}.png").convert("RGB")
+        images = grid_cells(grid, len(val_prompts), 2)
+        curve.append({
+            "step": entry["step"], "reward": round(entry["reward"], 4),
+            "identity_accuracy": _rate(identity_hits(images, subject, prompts, clf)),
+            "context_accuracy": _rate(context_hits(images, prompts, clf)),
+        })  # fmt: skip
+        log(f"overfit {curve[-1]}")
+    shutil.rmtree(run_dir)
+    report["overfit_dreambooth_no_prior"] = {
+        "subject": subject_name, "steps": steps, "learning_rate": learning_rate,
+        "validation_prompts": "the subject's held-out evaluation prompts, 2 images each", "curve": curve,
+    }  # fmt: skip
+
+
+STAGES = ("vae", "sd", "scorer", "clip_eval", "dino_eval", "classifier", "evaluate", "overfit")
 
 
 def main(argv=None) -> None:
@@ -453,6 +530,13 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny data and step counts: a smoke test")
     parser.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    parser.add_argument(
+        "--overfit_steps", type=int, default=400, help="DreamBooth steps of the overfit check"
+    )
+    parser.add_argument(
+        "--overfit_lr", type=float, default=1e-4, help="full-UNet learning rate of the overfit check"
+    )
+    parser.add_argument("--overfit_subject", default="redblue_ball", choices=list(SUBJECTS))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -489,7 +573,7 @@ def main(argv=None) -> None:
 
     jobs = {
         "vae": (lambda: build_vae(out, base()[0], steps(900), report), out / "sd" / "vae" / "config.json"),
-        "sd": (lambda: build_sd(out, *base(), steps(1600), report), out / "sd" / "model_index.json"),
+        "sd": (lambda: build_sd(out, *base(), steps(1300), report), out / "sd" / "model_index.json"),
         "scorer": (lambda: _clip(out / "scorer", *scorer_data(), steps(800), 11, 64, 3, 4, "scorer", report),
                    out / "scorer" / "config.json"),
         "clip_eval": (lambda: _clip(out / "clip_eval", *judge(), steps(800), 12, 96, 2, 8, "clip_eval", report),
@@ -497,6 +581,8 @@ def main(argv=None) -> None:
         "dino_eval": (lambda: build_dino(out, *judge(), steps(600), report), out / "dino_eval" / "config.json"),
         "classifier": (lambda: build_classifier(out, *judge(), steps(1000), report), out / "classifier" / "config.json"),
         "evaluate": (lambda: evaluate(out, report, 16 if args.quick else 96), None),
+        "overfit": (lambda: overfit(out, report, steps(400) if args.quick else args.overfit_steps, args.overfit_subject,
+                                    args.overfit_lr), None),
     }  # fmt: skip
     for stage in args.stages:
         fn, done = jobs[stage]
