@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FULL_UNET_FILENAME = "rpo_unet.safetensors"
@@ -30,40 +31,63 @@ class ExportError(RuntimeError):
     """A save failed; the message says what is left on disk."""
 
 
+# A failed write: OSError from Python, SafetensorError from safetensors' Rust writer (not an OSError).
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def _write_failure(target: Path, err: BaseException, what: str = "the previous content there") -> ExportError:
+    text = str(err)
+    full = getattr(err, "errno", None) == errno.ENOSPC or "os error 28" in text or "No space left" in text
+    reason = "the disk is full" if full else text
+    return ExportError(f"Saving to {str(target)!r} failed ({reason}); {what} is intact.")
+
+
 @contextmanager
 def atomic_output_dir(final_dir: str | os.PathLike, merge: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside ``final_dir``; on success its content replaces the old output.
 
     ``merge=False``: the temp folder replaces ``final_dir`` in one rename. ``merge=True``: ``final_dir`` keeps
-    unrelated content (checkpoints, logs) and each top-level entry written here replaces its namesake in one
-    rename. On any exception the temp folder is removed and ``final_dir`` is left exactly as it was; an
-    OSError such as a full disk is re-raised as :class:`ExportError` saying the previous output is intact.
+    unrelated content (checkpoints, logs) and each top-level entry written here replaces its namesake; if any
+    rename fails, every entry is rolled back. On any error the temp folder is removed and ``final_dir`` is
+    left as it was; a failed write (full disk, I/O error) is re-raised as :class:`ExportError` naming
+    ``final_dir`` and saying the previous output is intact.
     """
     final = Path(final_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-    except OSError as err:
+    except (*WRITE_ERRORS, ExportError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = "the disk is full" if err.errno == errno.ENOSPC else str(err)
-        raise ExportError(
-            f"Saving to {str(final)!r} failed ({reason}); the previous content there is intact."
-        ) from err
+        raise _write_failure(final, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if merge and final.is_dir():
-        for entry in sorted(tmp.iterdir()):
-            _replace(entry, final / entry.name)
+    try:
+        if merge and final.is_dir():
+            _merge_into(tmp, final)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _replace(tmp, final)
+    except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        _replace(tmp, final)
+        raise _write_failure(final, err) from err
+
+
+def _aside(path: Path) -> Path:
+    return path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _replace(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``, replacing it; the old ``dst`` is moved aside first and restored on failure."""
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    old = _aside(dst)
     if dst.exists():
         os.replace(dst, old)
     try:
@@ -72,10 +96,30 @@ def _replace(src: Path, dst: Path) -> None:
         if old.exists():
             os.replace(old, dst)
         raise
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    elif old.exists():
-        old.unlink()
+    _remove(old)
+
+
+def _merge_into(src_dir: Path, dst_dir: Path) -> None:
+    """Move every entry of ``src_dir`` into ``dst_dir``; all-or-nothing (rolled back if a rename fails)."""
+    moved_aside: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for entry in sorted(src_dir.iterdir()):
+            dst = dst_dir / entry.name
+            if dst.exists() or dst.is_symlink():
+                old = _aside(dst)
+                os.replace(dst, old)
+                moved_aside.append((old, dst))
+            os.replace(entry, dst)
+            placed.append(dst)
+    except OSError:
+        for dst in placed:
+            _remove(dst)
+        for old, dst in reversed(moved_aside):
+            os.replace(old, dst)
+        raise
+    for old, _ in moved_aside:
+        _remove(old)
 
 
 def atomic_save_file(
@@ -88,12 +132,9 @@ def atomic_save_file(
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, target)
-    except OSError as err:
+    except WRITE_ERRORS as err:
         tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if err.errno == errno.ENOSPC else str(err)
-        raise ExportError(
-            f"Writing {str(target)!r} failed ({reason}); any previous file there is intact."
-        ) from err
+        raise _write_failure(target, err, "any previous file there") from err
     return target
 
 
@@ -118,16 +159,24 @@ def load_safetensors_only(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def save_full_model(pipeline, output_dir: str | os.PathLike, unet=None) -> dict[str, str]:
     """A ``from_pretrained``-loadable pipeline folder plus the UNet as one diffusers-format file.
 
-    ``rpo_unet.safetensors`` is what ComfyUI's UNETLoader takes from ``models/diffusion_models``.
+    ``rpo_unet.safetensors`` is what ComfyUI's UNETLoader takes from ``models/diffusion_models``. A UNet
+    wrapped by DDP or ``torch.compile`` is unwrapped first; one that still carries LoRA adapters is refused
+    (its keys would not load as a plain UNet): save it with :func:`save_lora_model`.
     """
-    if unet is not None and unet is not pipeline.unet:
-        pipeline.unet = unet
+    from accelerate.utils import extract_model_from_parallel
+
+    unet = extract_model_from_parallel(unet if unet is not None else pipeline.unet, keep_torch_compile=False)
+    if getattr(unet, "peft_config", None):
+        raise ValueError(
+            f"The UNet carries LoRA adapters ({sorted(unet.peft_config)}): export them with save_lora_model(), or "
+            "merge them into the weights first (unet.fuse_lora()) to save a full model."
+        )
+    pipeline.unet = unet
     out = Path(output_dir)
     with atomic_output_dir(out, merge=True) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
-        atomic_save_file(
-            pipeline.unet.state_dict(), tmp / FULL_UNET_FILENAME, metadata={"format": "diffusers-unet"}
-        )
+        save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, str(tmp / FULL_UNET_FILENAME),
+                  metadata={"format": "diffusers-unet"})  # fmt: skip
     return {"pipeline": str(out), "unet": str(out / FULL_UNET_FILENAME)}
 
 
@@ -199,7 +248,12 @@ def save_lora_model(
     from peft.utils import get_peft_model_state_dict
 
     config = unet.peft_config["default"]
-    alpha = float(lora_alpha if lora_alpha is not None else config.lora_alpha)
+    alpha = float(config.lora_alpha)
+    if lora_alpha is not None and float(lora_alpha) != alpha:
+        raise ValueError(
+            f"lora_alpha={lora_alpha} differs from the adapter's own lora_alpha={alpha}, which the weights were trained "
+            "with; exporting it would rescale the LoRA. Leave lora_alpha unset."
+        )
     peft_sd = get_peft_model_state_dict(unet)
     if not peft_sd:
         raise ValueError("The UNet has no LoRA adapters to save: was add_lora() called?")

@@ -1,9 +1,4 @@
-"""Export: full and LoRA round trips, kohya LoRA format, atomic saves, model card, the Hub up to HTTP.
-
-Tests marked ``EXPORT_BUG`` are strict xfails: each documents a bug in ``rpo_diffusers/export.py`` (the reason
-says which). Once export.py is fixed they XPASS, which fails the run: then delete the marker.
-``pytest --runxfail tests/test_export.py`` shows them failing with the details.
-"""
+"""Export: full and LoRA round trips, kohya LoRA format, atomic saves, model card, the Hub up to HTTP."""
 
 from __future__ import annotations
 
@@ -51,10 +46,6 @@ from rpo_diffusers.export import (
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK, ALPHA = 4, 16.0  # alpha != rank: a loader that reads the rank as alpha scales the LoRA by 1/4
-
-
-def export_bug(reason: str):
-    return pytest.mark.xfail(strict=True, reason=f"export.py bug: {reason}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,13 +163,6 @@ def test_full_model_round_trip(tiny_sd_dir, tmp_path):
     assert torch.equal(_unet_out(fresh), _unet_out(pipe.unet))
 
 
-@export_bug(
-    "save_full_model does not unwrap the UNet: a torch.compile'd UNet gives '_orig_mod.'-prefixed keys in "
-    "rpo_unet.safetensors; a DDP-wrapped one (accelerate.prepare in multi-process runs) is skipped by "
-    "save_pretrained ('cannot be saved': no unet/ folder) and gives 'module.'-prefixed keys. "
-    "Fix: unet = accelerate.utils.extract_model_from_parallel(unet) (or diffusers.utils.torch_utils."
-    "_unwrap_model / `getattr(unet, '_orig_mod', unet)` and `.module`) before substituting and saving."
-)
 @pytest.mark.parametrize("wrapper", ["compile", "ddp"])
 def test_full_model_unwraps_wrapped_unets(tiny_sd_dir, tmp_path, wrapper):
     import torch.distributed as dist
@@ -203,12 +187,6 @@ def test_full_model_unwraps_wrapped_unets(tiny_sd_dir, tmp_path, wrapper):
     assert torch.equal(_unet_out(reloaded), _unet_out(plain))
 
 
-@export_bug(
-    "save_full_model on a UNet that still carries PEFT adapters writes '.base_layer.weight' / '.lora_A.default' "
-    "keys: from_pretrained then leaves every adapted to_q/to_k/... weight randomly initialised (a silently "
-    "broken model). Fix: merge (unet.fuse_lora() / peft merge_and_unload) into a copy, or refuse with a clear "
-    "error naming the adapters and save_lora_model."
-)
 def test_full_model_never_silently_saves_adapter_keys(lora_pipe, tmp_path):
     expected = _unet_out(lora_pipe.unet)
     try:
@@ -314,11 +292,6 @@ def test_lora_files_reproduce_the_adapted_pipeline(lora_export, tiny_sd_dir, fol
     assert torch.allclose(_images(fresh), lora_export["images"], atol=atol)
 
 
-@export_bug(
-    "save_lora_model(lora_alpha=X) with X != the adapter's own lora_alpha writes X into both files while the "
-    "weights were trained under the adapter's alpha: the exported LoRA then differs from the trained one by "
-    "X/alpha. Fix: take alpha from unet.peft_config (refuse a disagreeing lora_alpha with a clear error)."
-)
 def test_lora_alpha_argument_cannot_rescale_the_exported_lora(lora_pipe, tiny_sd_dir, tmp_path):
     expected = _unet_out(lora_pipe.unet)
     try:
@@ -389,13 +362,6 @@ def test_atomic_merge_keeps_unrelated_entries(tmp_path):
     assert _tree_digest(out) == before and _hidden(tmp_path) == []
 
 
-@export_bug(
-    "atomic_output_dir's commit step (the renames after the with-block) is outside its try: when a rename fails "
-    "the OSError escapes raw (not ExportError 'previous output intact') and the hidden .<name>.tmp-* folder "
-    "with the whole new model is left behind; with merge=True the entries already renamed stay, so the output "
-    "is a mix of old and new. Fix: wrap the commit, remove tmp on failure, and in merge mode move every old "
-    "entry aside first and roll all of them back if any rename fails."
-)
 @pytest.mark.parametrize("merge", [False, True], ids=["replace", "merge"])
 def test_failed_commit_rename_keeps_previous_output(tmp_path, monkeypatch, merge):
     out = tmp_path / "model"
@@ -443,12 +409,6 @@ def test_full_disk_during_diffusers_save_keeps_previous_output(full_output, monk
     assert _hidden(out.parent) == [] and _hidden(out) == []
 
 
-@export_bug(
-    "a real I/O failure inside a safetensors write (full disk, file too large) raises safetensors' "
-    "SafetensorError('I/O error: ... (os error 28)'), which is not an OSError: atomic_output_dir and "
-    "atomic_save_file only translate OSError, so the user gets a raw SafetensorError without 'previous output "
-    "intact'. Fix: also catch safetensors.SafetensorError (and errors whose message has 'os error') there."
-)
 def test_real_write_failure_in_full_save_gives_the_clear_error(full_output):
     pipe, out = full_output
     before = _tree_digest(out)
@@ -459,9 +419,6 @@ def test_real_write_failure_in_full_save_gives_the_clear_error(full_output):
     assert _hidden(out.parent) == [] and _hidden(out) == []
 
 
-@export_bug(
-    "same SafetensorError-is-not-OSError bug, in atomic_save_file (used by the trainer's checkpoints)"
-)
 def test_real_write_failure_in_atomic_save_file_gives_the_clear_error(tmp_path):
     path = tmp_path / "w.safetensors"
     atomic_save_file({"a": torch.ones(2)}, path)
@@ -486,12 +443,6 @@ def test_atomic_save_file_full_disk(tmp_path, monkeypatch):
     assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
 
 
-@export_bug(
-    "when rpo_unet.safetensors cannot be written inside save_full_model, the ExportError from atomic_save_file "
-    "names the hidden temp path ('.../.out.tmp-xxxx/rpo_unet.safetensors') and says 'any previous file there "
-    "is intact' instead of naming the output folder the user asked for. Fix: let atomic_output_dir re-raise an "
-    "ExportError from inside with the final folder's name (or have save_full_model write with plain save_file)."
-)
 def test_full_disk_on_the_single_unet_file_names_the_output_folder(full_output, monkeypatch):
     pipe, out = full_output
     before = _tree_digest(out)
