@@ -403,7 +403,7 @@ def push_to_hub(
             repo_id=repo_id,
             folder_path=str(folder),
             commit_message=commit_message,
-            ignore_patterns=["checkpoint-*", "logs/*", ".*"],
+            ignore_patterns=["checkpoint-*", "logs/*", "training_images/*", ".*"],
         )
     except Exception as err:  # network errors, 401/403, rate limits: all leave the folder untouched
         raise ExportError(
