@@ -42,7 +42,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     refs = load_image_folder(args.references)
     files = list_image_files(args.images)
     if not files:
-        raise SystemExit(f"No images found in {args.images!r}.")
+        raise ValueError(
+            f"No images found in {args.images!r}: put the images to score there (PNG, JPEG, WebP, ...)."
+        )
     scorer = LambdaHarmonicScorer.from_pretrained(
         args.model,
         lambda_=args.lambda_,
@@ -94,7 +96,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.subjects:
         subjects = [s for s in subjects if s in set(args.subjects)]
     if not subjects:
-        raise SystemExit(
+        raise ValueError(
             f"No subject folders found in {str(images_root)!r}: expected IMAGES/<subject>/<prompt>/*.png."
         )
     evaluator = DreamBenchEvaluator.from_pretrained(
@@ -107,7 +109,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             p: [load_image(f) for f in fs] for p, fs in _prompt_folders(images_root / subject).items()
         }
         if not by_prompt:
-            raise SystemExit(f"No prompt folders with images under {str(images_root / subject)!r}.")
+            raise ValueError(f"No prompt folders with images under {str(images_root / subject)!r}.")
         results.append(evaluator.evaluate_subject(by_prompt, refs, subject=subject))
         if len(refs) > 1:
             baselines.append(evaluator.reference_baseline(refs))

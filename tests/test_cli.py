@@ -18,11 +18,6 @@ from rpo_diffusers.data import load_image_folder
 from rpo_diffusers.metrics import DreamBenchEvaluator
 from rpo_diffusers.rewards import LambdaHarmonicScorer
 
-CLI_SYSTEMEXIT_BUG = (
-    "cli.py raises SystemExit(<message>) for an empty --images folder / no subject or prompt folders, "
-    "which exits 1 instead of the exit code 2 every other bad input gets (raise ValueError instead)"
-)
-
 
 def score_args(refs, imgs, model, *extra: str) -> list[str]:
     return ["score", "--references", str(refs), "--images", str(imgs), "--prompt", "a sks dog on the Moon",
@@ -117,7 +112,6 @@ def test_score_bad_input_exits_2_with_a_clear_message(
         assert "error: " in err and message in err, (case, err)
 
 
-@pytest.mark.xfail(raises=SystemExit, strict=True, reason=CLI_SYSTEMEXIT_BUG)
 def test_score_empty_images_folder_exits_2(folders, tiny_scorer_dirs, tmp_path, capsys):
     refs, _ = folders
     empty = tmp_path / "empty"
@@ -215,7 +209,6 @@ def test_evaluate_missing_references_exits_2(tmp_path, sample_images, tiny_vit_d
     assert "not a CLIP-style" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(raises=SystemExit, strict=True, reason=CLI_SYSTEMEXIT_BUG)
 def test_evaluate_without_subject_folders_exits_2(tmp_path, tiny_vit_dir, tiny_scorer_dirs, capsys):
     (tmp_path / "gen").mkdir()
     assert main(evaluate_args(tmp_path / "gen", tmp_path, tiny_vit_dir, tiny_scorer_dirs["clip"])) == 2
