@@ -154,6 +154,36 @@ def build_vae(out: Path, data: torch.Tensor, steps: int, report: dict) -> None:
     }
 
 
+def build_vae_decoder(out: Path, data: torch.Tensor, steps: int, report: dict) -> None:
+    """Fine-tune the VAE decoder alone: the encoder, hence the latents the UNet learns, stay fixed, so this
+    may run before, during or after the ``sd`` stage and sharpens every image the pipeline draws."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(out / "sd" / "vae")
+    vae.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sched = warmup_cosine(opt, steps)
+    losses = []
+    for i, idx in enumerate(batches(len(data), 32, steps, 9)):
+        x = data[idx]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(F.mse_loss(rec.detach(), x).item())
+        if i % 100 == 0:
+            log(f"vae_decoder step {i}: mse {np.mean(losses[-100:]):.4f}")
+    vae.save_pretrained(out / "sd" / "vae")
+    report["vae_decoder"] = {"steps": steps, "final_mse": float(np.mean(losses[-100:]))}
+
+
 def build_sd(out: Path, data: torch.Tensor, scenes: list[Scene], steps: int, report: dict) -> None:
     from diffusers import (
         AutoencoderKL,
@@ -305,10 +335,38 @@ def attribute_loss(
     return loss
 
 
+def vae_roundtrips(out: Path, data: torch.Tensor) -> torch.Tensor:
+    """The images as the bundled VAE gives them back: what a generated image can look like at best."""
+    from diffusers import AutoencoderKL
+
+    path = out / "sd" / "vae"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path} is missing: run the vae stages before the classifier (it learns from round trips)."
+        )
+    vae = AutoencoderKL.from_pretrained(path).eval()
+    with torch.no_grad():
+        return torch.cat(
+            [
+                vae.decode(vae.encode(data[i : i + 256]).latent_dist.mean).sample.clamp(-1, 1)
+                for i in range(0, len(data), 256)
+            ]
+        )
+
+
 def train_attributes(
-    model, head, data, scenes, groups: list[str], steps: int, seed: int, key: str
+    model,
+    head,
+    data,
+    scenes,
+    groups: list[str],
+    steps: int,
+    seed: int,
+    key: str,
+    alt: torch.Tensor | None = None,
 ) -> list[float]:
-    """Supervised training of a ViT on the scene attributes in ``groups`` (with blur/noise augmentation)."""
+    """Supervised training of a ViT on the scene attributes in ``groups`` (with blur/noise augmentation;
+    with ``alt``, half the images are replaced by these versions of them, e.g. VAE round trips)."""
     labels = _labels(scenes)
     patterned = torch.tensor([s.pattern != "plain" for s in scenes])
     params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
@@ -317,7 +375,10 @@ def train_attributes(
     g = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     for i, idx in enumerate(batches(len(data), 128, steps, seed)):
-        x = degrade(data[idx], g)
+        x = data[idx]
+        if alt is not None:
+            x = torch.where((torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5), alt[idx], x)
+        x = degrade(x, g)
         if head is None:
             logits = model(pixel_values=x).logits
         else:
@@ -340,7 +401,8 @@ def _vit_processor():
 
 
 def build_classifier(out: Path, data, scenes, steps: int, report: dict) -> None:
-    """The ground-truth judge: one label group per scene attribute ("shape:ball", "background:beach", ...)."""
+    """The ground-truth judge: one label group per scene attribute ("shape:ball", "background:beach", ...),
+    trained on renders and on their VAE round trips, so that it reads what the pipeline can draw."""
     from transformers import ViTConfig, ViTForImageClassification
 
     labels = [f"{g}:{v}" for g, values in ATTRIBUTE_GROUPS.items() for v in values]
@@ -348,7 +410,8 @@ def build_classifier(out: Path, data, scenes, steps: int, report: dict) -> None:
     model = ViTForImageClassification(ViTConfig(image_size=SIZE, patch_size=4, hidden_size=96, intermediate_size=192,
                                                 num_hidden_layers=3, num_attention_heads=4, num_labels=len(labels),
                                                 id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)}))  # fmt: skip
-    losses = train_attributes(model, None, data, scenes, list(ATTRIBUTE_GROUPS), steps, 6, "classifier")
+    alt = vae_roundtrips(out, data)
+    losses = train_attributes(model, None, data, scenes, list(ATTRIBUTE_GROUPS), steps, 6, "classifier", alt)
     model.save_pretrained(out / "classifier")
     _vit_processor().save_pretrained(out / "classifier")
     report["classifier"] = {"steps": steps, "final_loss": float(np.mean(losses[-100:]))}
@@ -395,20 +458,32 @@ def _rate(hits: list[bool]) -> float:
 def evaluate(out: Path, report: dict, n_prompts: int) -> None:
     """The numbers that say whether the world is a faithful testbed (written to build_report.json)."""
     from diffusers import StableDiffusionPipeline
+    from PIL import Image
 
     from rpo_diffusers.data import make_image_grid
 
     clf = AttributeClassifier.from_pretrained(out / "classifier")
     rng = np.random.default_rng(99)
     scenes = [classifier_scene(rng) for _ in range(n_prompts * 4)]
-    preds = clf.predict([render(s, size=SIZE, seed=50_000 + i) for i, s in enumerate(scenes)])
-    judge = {
-        g: _rate(
-            [p[g] == getattr(s, g) for p, s in zip(preds, scenes) if g != "color2" or s.pattern != "plain"]
-        )
-        for g in ATTRIBUTE_GROUPS
-    }
-    result: dict = {"classifier_on_fresh_renders": judge, "sampling": SAMPLING}
+    fresh = [render(s, size=SIZE, seed=50_000 + i) for i, s in enumerate(scenes)]
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in fresh])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    roundtrips = [
+        Image.fromarray(((t.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+        for t in vae_roundtrips(out, x)
+    ]
+    result: dict = {"sampling": SAMPLING}
+    for key, images in (("classifier_on_fresh_renders", fresh), ("classifier_on_vae_roundtrips", roundtrips)):
+        preds = clf.predict(images)
+        result[key] = {
+            g: _rate(
+                [
+                    p[g] == getattr(s, g)
+                    for p, s in zip(preds, scenes)
+                    if g != "color2" or s.pattern != "plain"
+                ]
+            )
+            for g in ATTRIBUTE_GROUPS
+        }
     pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(123)
@@ -521,7 +596,7 @@ def overfit(out: Path, report: dict, steps: int, subject_name: str, learning_rat
     }  # fmt: skip
 
 
-STAGES = ("vae", "sd", "scorer", "clip_eval", "dino_eval", "classifier", "evaluate", "overfit")
+STAGES = ("vae", "vae_decoder", "sd", "scorer", "clip_eval", "dino_eval", "classifier", "evaluate", "overfit")
 
 
 def main(argv=None) -> None:
@@ -573,6 +648,7 @@ def main(argv=None) -> None:
 
     jobs = {
         "vae": (lambda: build_vae(out, base()[0], steps(900), report), out / "sd" / "vae" / "config.json"),
+        "vae_decoder": (lambda: build_vae_decoder(out, base()[0], steps(1500), report), "vae_decoder"),
         "sd": (lambda: build_sd(out, *base(), steps(1300), report), out / "sd" / "model_index.json"),
         "scorer": (lambda: _clip(out / "scorer", *scorer_data(), steps(800), 11, 64, 3, 4, "scorer", report),
                    out / "scorer" / "config.json"),
@@ -586,7 +662,7 @@ def main(argv=None) -> None:
     }  # fmt: skip
     for stage in args.stages:
         fn, done = jobs[stage]
-        if done is not None and done.exists():
+        if (done in report) if isinstance(done, str) else (done is not None and done.exists()):
             log(f"{stage}: already built, skipping")
             continue
         t = time.perf_counter()
