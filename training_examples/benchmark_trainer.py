@@ -5,13 +5,22 @@
     python training_examples/benchmark_trainer.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --scorer kakaobrain/align-base --resolution 512 --steps 20 --mixed_precision fp16   # on a GPU
 
-Each mode runs in its own process so peak memory (CUDA: max allocated; CPU: max RSS) is its own.
+Each mode runs in its own process so its peak memory is its own (CUDA: max allocated during train();
+CPU: the process's max RSS, which includes Python, torch and the loaded models); train_add_mib = that peak
+minus the memory in use just before train() (what training adds: activations, optimiser state, the
+frozen reference copy of a full fine-tune, generated images). s/step is the median gap
+between consecutive optimiser steps, so the validation at the end does not count. Phases: setup = loading
+the pipeline and scorer; generation = the base model's training images and their rewards; training =
+optimiser steps; validation = every validation including step 0; export = saving the best model.
+On a shared CPU, pin --num_threads (default 1) or the numbers measure thread contention, not the trainer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import resource
 import subprocess
 import sys
@@ -22,12 +31,33 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+PHASES = ("setup", "generation", "training", "validation", "export")
+COLUMNS = ("mode", "s_per_step", "peak_mib", "train_add_mib", *(f"{p}_s" for p in PHASES))
+
+
+def _rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _current_rss_mib() -> float:
+    """Resident memory now (Linux /proc); NaN elsewhere."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
 
 def run_one(args: argparse.Namespace) -> dict:
+    """Train once in this process and return its measurements."""
     import torch
 
     from rpo_diffusers import RPOConfig, RPOTrainer
 
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     refs = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (args.resolution, args.resolution, 3), dtype=np.uint8))
             for i in range(4)]  # fmt: skip
     config = RPOConfig(
@@ -37,46 +67,91 @@ def run_one(args: argparse.Namespace) -> dict:
         validation_steps=args.steps, use_lora=args.mode == "lora", mixed_precision=args.mixed_precision,
         report_to="none",
     )  # fmt: skip
-    steps = []
-    trainer = RPOTrainer(
-        config,
-        reference_images=refs,
-        callbacks=[lambda e, p: steps.append(time.perf_counter()) if e == "step" else None],
-    )
-    if torch.cuda.is_available():
+    step_times: list[float] = []
+
+    def on_event(event: str, payload: dict) -> None:
+        if event == "step":
+            step_times.append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    trainer = RPOTrainer(config, reference_images=refs, callbacks=[on_event])
+    setup_s = time.perf_counter() - t0
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    result = trainer.train()
-    per_step = float(np.median(np.diff(steps))) if len(steps) > 2 else float("nan")
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2**20
+        before_train = torch.cuda.memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        before_train = _current_rss_mib()
+    result = trainer.train()
+    gaps = np.diff(step_times)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mib()
     return {
         "mode": args.mode,
-        "s_per_step": per_step,
+        "s_per_step": float(np.median(gaps)) if len(gaps) else float("nan"),
         "peak_mib": peak,
+        "train_add_mib": peak - before_train,
+        "memory": "cuda max allocated" if cuda else "process max RSS",
+        "device": str(trainer.accelerator.device),
+        "trainable_params": sum(p.numel() for p in trainer.components.trainable_parameters()),
+        "setup_s": setup_s,
         **{f"{k}_s": v for k, v in result.timings.items()},
     }
 
 
-def main(argv=None) -> None:
+def _child_command(args: argparse.Namespace, mode: str, output_dir: Path) -> list[str]:
+    cmd = [sys.executable, __file__, "--mode", mode, "--output_dir", str(output_dir)]
+    for k in ("model", "scorer", "resolution", "steps", "sampling_steps", "images_per_prompt", "mixed_precision",
+              "num_threads"):  # fmt: skip
+        cmd += [f"--{k}", str(getattr(args, k))]
+    return cmd
+
+
+def run_mode(args: argparse.Namespace, mode: str, output_dir: Path) -> dict:
+    """Run one mode in a fresh process (so peak memory is its own) and parse its RESULT line."""
+    env = dict(os.environ)
+    if args.num_threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.num_threads)
+    proc = subprocess.run(_child_command(args, mode, output_dir), capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"The {mode} benchmark run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [" ".join(f"{c:>13}" for c in COLUMNS)]
+    for r in rows:
+        lines.append(
+            " ".join(f"{r[c]:>13.3f}" if isinstance(r[c], float) else f"{r[c]:>13}" for c in COLUMNS)
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="SD pipeline; default: a tiny one built from configs")
     parser.add_argument(
         "--scorer", default=None, help="dual encoder; default: a tiny CLIP built from configs"
     )
     parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--sampling_steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=30, help="optimiser steps per mode")
+    parser.add_argument(
+        "--sampling_steps", type=int, default=10, help="sampling steps of generation/validation"
+    )
     parser.add_argument("--images_per_prompt", type=int, default=4)
     parser.add_argument("--mixed_precision", default="no")
+    parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads; 0 = torch's default")
+    parser.add_argument("--modes", nargs="+", choices=["full", "lora"], default=["full", "lora"])
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--mode", choices=["full", "lora"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output_dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.mode:  # child process
         print("RESULT " + json.dumps(run_one(args)))
         return
-    root = Path(tempfile.mkdtemp())
+    root = Path(tempfile.mkdtemp(prefix="rpo-bench-"))
     if args.model is None:
         from rpo_diffusers.testing.tiny_pipeline import build_tiny_pipeline
 
@@ -86,25 +161,17 @@ def main(argv=None) -> None:
         from rpo_diffusers.testing.tiny_scorers import build_tiny_scorer
 
         args.scorer = str(build_tiny_scorer(root / "scorer", "clip"))
-    rows = []
-    for mode in ("full", "lora"):
-        cmd = [sys.executable, __file__, "--mode", mode, "--output_dir", str(root / mode)]
-        for k in (
-            "model",
-            "scorer",
-            "resolution",
-            "steps",
-            "sampling_steps",
-            "images_per_prompt",
-            "mixed_precision",
-        ):
-            cmd += [f"--{k}", str(getattr(args, k))]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
-    cols = ["mode", "s_per_step", "peak_mib", "generation_s", "training_s", "validation_s", "export_s"]
-    print(" ".join(f"{c:>13}" for c in cols))
-    for r in rows:
-        print(" ".join(f"{r[c]:>13.4f}" if isinstance(r[c], float) else f"{r[c]:>13}" for c in cols))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    rows = [run_mode(args, mode, root / mode) for mode in args.modes]
+    first = rows[0]
+    print(f"model={args.model} resolution={args.resolution} steps={args.steps} sampling_steps={args.sampling_steps} "
+          f"images_per_prompt={args.images_per_prompt} mixed_precision={args.mixed_precision}")  # fmt: skip
+    print(f"device={first['device']} threads={args.num_threads or 'default'} cpus={os.cpu_count()} "
+          f"load_avg_at_start={load:.2f} python={platform.python_version()} memory={first['memory']}")  # fmt: skip
+    print("trainable params: " + ", ".join(f"{r['mode']}={r['trainable_params']:,}" for r in rows))
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
