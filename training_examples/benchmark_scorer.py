@@ -10,8 +10,8 @@ Columns (images per second, median over --repeats interleaved runs):
 - score(): with references cached by set_reference_images and the prompt's text features cached;
 - score(refs): the references passed on every call, so they are re-embedded each time.
 On a shared CPU machine, ``--threads 1 --clock cpu`` measures the process's own CPU time, which other
-processes' load disturbs far less than wall time. Before timing, the script checks that score() sees the same image features as the bare forward, so the
-columns compare the same work.
+processes' load disturbs far less than wall time. Before timing, the script checks that score() sees the
+same image features as the bare forward, so the columns compare the same work.
 """
 
 from __future__ import annotations
