@@ -206,6 +206,14 @@ class RPOSelectBest(io.ComfyNode):
         return io.NodeOutput(best, order)
 
 
+def model_folder(kind: str) -> Path:
+    """Where a trained file goes: ``models/<kind>`` (ComfyUI lists legacy folders such as ``models/unet`` first)."""
+    import folder_paths
+
+    paths = folder_paths.get_folder_paths(kind)
+    return Path(next((p for p in paths if Path(p).name == kind), paths[0]))
+
+
 def load_trained_model(model, target: Path, use_lora: bool):
     """The MODEL KSampler gets, read back from the saved file by ComfyUI's own loaders (LoraLoader / UNETLoader)."""
     import comfy.sd
@@ -337,8 +345,7 @@ class RPOTrain(io.ComfyNode):
         refs = image_batches_to_pil(reference_images, reference_images_2, reference_images_3)
         use_lora = lora_rank > 0
         file_name = safe_output_name(output_name)
-        target_dir = folder_paths.get_folder_paths("loras" if use_lora else "diffusion_models")[0]
-        target = Path(target_dir) / file_name
+        target = model_folder("loras" if use_lora else "diffusion_models") / file_name
         work_dir = Path(folder_paths.get_output_directory()) / "rpo" / Path(file_name).stem
         config = RPOConfig(
             class_noun=class_noun.strip(),

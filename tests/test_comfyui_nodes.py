@@ -224,3 +224,17 @@ def test_example_workflows_match_the_node_schemas():
                     api_file.name,
                     node["class_type"],
                 )
+
+
+def test_trained_files_go_to_the_named_models_folder_not_a_legacy_alias(monkeypatch):
+    from comfyui_nodes.nodes import model_folder
+
+    legacy, named = (str(Path(folder_paths.models_dir) / d) for d in ("unet", "diffusion_models"))
+    monkeypatch.setitem(
+        folder_paths.folder_names_and_paths, "diffusion_models", ([legacy, named], {".safetensors"})
+    )
+    assert model_folder("diffusion_models") == Path(named)
+    monkeypatch.setitem(
+        folder_paths.folder_names_and_paths, "loras", (["/elsewhere/my_loras"], {".safetensors"})
+    )
+    assert model_folder("loras") == Path("/elsewhere/my_loras")  # an extra_model_paths folder: used as it is

@@ -6,6 +6,11 @@ Everything lives in a temporary ``--base-directory`` (models, input, output, cus
 repository linked in), so nothing is written into the checkout. A randomly initialised SD 1.5-shaped
 pipeline is turned into a single-file checkpoint by ComfyUI's own DiffusersLoader + CheckpointSave, then the
 example workflows run through ``POST /prompt`` with tiny resolution and steps, and ``/history`` is checked.
+
+ComfyUI recognises SD 1.5 by its widths (320 UNet channels, 768-wide text conditioning), not its depth, so the
+checkpoint's UNet is then swapped for a one-level UNet of the same widths built by ComfyUI's own classes: the
+CLIP and VAE stay SD 1.5-sized, training takes seconds instead of minutes on CPU, and full fine-tuning fits
+in memory. ``RPO_COMFY_FULL_UNET=1`` keeps the 860M-parameter UNet instead.
 """
 
 from __future__ import annotations
@@ -128,11 +133,53 @@ def comfy(tmp_path_factory):
                     "2": {"class_type": "CheckpointSave", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
                                                                     "filename_prefix": "checkpoints/sd15"}}})  # fmt: skip
         saved = next((base / "output" / "checkpoints").glob("sd15*.safetensors"))
-        shutil.move(saved, base / "models/checkpoints/sd15.safetensors")
         shutil.rmtree(base / "models/diffusers/sd15")
+        if os.environ.get("RPO_COMFY_FULL_UNET") == "1":
+            shutil.move(saved, base / "models/checkpoints/sd15.safetensors")
+        else:
+            _shrink_unet(saved, base / "models/checkpoints/sd15.safetensors")
+            saved.unlink()
         yield server, base
     finally:
         server.close()
+
+
+SHRINK_UNET = """
+import sys
+src, dst = sys.argv[1], sys.argv[2]
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_detection, comfy.utils, torch
+from safetensors.torch import save_file
+
+sd = comfy.utils.load_torch_file(src, safe_load=True)
+prefix = "model.diffusion_model."
+config = comfy.model_detection.detect_unet_config(sd, prefix)
+config.update(channel_mult=[1], num_res_blocks=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+              transformer_depth_middle=1)
+model_config = comfy.model_detection.model_config_from_unet_config(config)
+assert type(model_config).__name__ == "SD15", model_config
+torch.manual_seed(0)
+unet = model_config.get_model({}).diffusion_model  # ComfyUI skips weight init: initialise here
+with torch.no_grad():
+    for name, p in unet.named_parameters():
+        if p.ndim == 1:
+            p.fill_(1.0 if name.endswith(".weight") else 0.0)  # norms' scale 1, every bias 0
+        else:
+            p.normal_(0.0, 0.02)
+small = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+small.update({prefix + k: v.detach().float().contiguous() for k, v in unet.state_dict().items()})
+save_file(small, dst)
+"""
+
+
+def _shrink_unet(src: Path, dst: Path) -> None:
+    """Replace the checkpoint's UNet by a one-level UNet that ComfyUI still detects as SD 1.5."""
+    python = os.environ.get("COMFYUI_PYTHON", "python")
+    done = subprocess.run([python, "-c", SHRINK_UNET, str(src), str(dst)], cwd=COMFYUI_PATH, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": COMFYUI_PATH})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def _tiny(workflow: dict) -> dict:
@@ -240,3 +287,24 @@ def test_pip_installed_pack_loads_from_a_one_line_file(tmp_path):
         assert info["RPOTrain"]["input"]["optional"].keys() == {"reference_images_2", "reference_images_3"}
     finally:
         server.close()
+
+
+def test_full_unet_training_saves_a_unet_that_unet_loader_reads(comfy):
+    """LoRA rank 0: the whole UNet is trained and saved to models/diffusion_models for UNETLoader."""
+    server, base = comfy
+    workflow = _tiny(json.loads((WORKFLOWS / "rpo_train_then_sample_api.json").read_text()))
+    workflow["8"]["inputs"].update(lora_rank=0, output_name="rpo_full", learning_rate=1e-5)
+    for extra in ("reference_images_2", "reference_images_3"):  # and a single reference photo
+        del workflow["8"]["inputs"][extra]
+    entry = server.run(workflow)
+    unet = base / "models/diffusion_models/rpo_full.safetensors"
+    assert unet.exists() and entry["outputs"]["14"]["images"]
+    sample = {k: v for k, v in workflow.items() if k in ("1", "9", "10", "11", "12", "13", "14")}
+    sample["20"] = {
+        "class_type": "UNETLoader",
+        "inputs": {"unet_name": "rpo_full.safetensors", "weight_dtype": "default"},
+    }
+    sample["12"]["inputs"]["model"] = ["20", 0]
+    sample["14"]["inputs"]["filename_prefix"] = "rpo_full_reloaded"
+    entry = server.run(sample)
+    assert entry["outputs"]["14"]["images"], "UNETLoader + KSampler produced no image from the saved UNet"
