@@ -164,19 +164,14 @@ class DiffusersComponents(DiffusionComponents):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> DiffusersComponents:
         """Load a ``StableDiffusionPipeline`` from a hub id or a local folder."""
+        from .rewards import check_model_path
+
+        path = check_model_path(name_or_path)  # before the heavy import: a typo fails in a second
         from diffusers import StableDiffusionPipeline
 
-        path = os.fspath(name_or_path)
-        if (
-            path.startswith((".", "/", "~")) or os.sep in path.strip("/").replace("/", "", 1)
-        ) and not os.path.exists(os.path.expanduser(path)):
-            raise FileNotFoundError(
-                f"Model path {path!r} does not exist: pass a diffusers pipeline folder or a hub id such as "
-                "'stable-diffusion-v1-5/stable-diffusion-v1-5'."
-            )
         dtype = kwargs.pop("torch_dtype", None)
         pipeline = StableDiffusionPipeline.from_pretrained(
-            os.path.expanduser(path), safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
+            path, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
         )
         return cls(pipeline, **kwargs)
 

@@ -698,6 +698,7 @@ class RPOTrainer:
         self.components.load_trainable_state_dict(self.best_state)
         meta = {"best_step": self.best_step, "best_reward": self.best_reward}
         files = self.components.export(self.output_dir, meta)
+        self.timings["export"] = time.perf_counter() - t0
         summary = {
             "best_step": self.best_step,
             "best_reward": self.best_reward,
@@ -739,5 +740,4 @@ class RPOTrainer:
             {"history": str(self.output_dir / HISTORY_FILE), "plot": str(self.output_dir / PLOT_FILE)}
         )
         self.components.load_trainable_state_dict(current)
-        self.timings["export"] = time.perf_counter() - t0
         return files

@@ -48,6 +48,13 @@ def parse_args(input_args: list[str] | None = None) -> tuple[RPOConfig, ScriptAr
         )
     if not config.instance_data_dir:
         parser.error("--instance_data_dir is required (a folder with 3-6 photos of the subject).")
+    from rpo_diffusers.rewards import check_model_path
+
+    for flag in ("pretrained_model_name_or_path", "scorer_model_name_or_path"):
+        try:  # fail in a second, before loading anything
+            check_model_path(getattr(config, flag))
+        except FileNotFoundError as err:
+            parser.error(f"--{flag}: {err}")
     return config, script
 
 
@@ -57,7 +64,15 @@ def main(config: RPOConfig, script: ScriptArguments) -> int:
     from rpo_diffusers.trainer import RPOTrainer
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    references = load_image_folder(config.instance_data_dir, skip_unreadable=script.skip_unreadable_images)
+    try:
+        references = load_image_folder(
+            config.instance_data_dir, skip_unreadable=script.skip_unreadable_images
+        )
+    except ValueError as err:
+        hint = (
+            "" if script.skip_unreadable_images else " (or pass --skip_unreadable_images to skip such files)"
+        )
+        raise ValueError(f"{err}{hint}") from err
     trainer = RPOTrainer(config, reference_images=references)
     result = trainer.train()
     if trainer.accelerator.is_main_process:
