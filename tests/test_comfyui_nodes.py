@@ -238,3 +238,23 @@ def test_trained_files_go_to_the_named_models_folder_not_a_legacy_alias(monkeypa
         folder_paths.folder_names_and_paths, "loras", (["/elsewhere/my_loras"], {".safetensors"})
     )
     assert model_folder("loras") == Path("/elsewhere/my_loras")  # an extra_model_paths folder: used as it is
+
+
+def test_repository_root_init_exposes_the_entrypoint_only_when_loaded_as_a_package():
+    import importlib.util
+    import runpy
+
+    root_init = Path(__file__).resolve().parents[1] / "__init__.py"
+    assert "comfy_entrypoint" not in runpy.run_path(str(root_init))  # a plain module: nothing imported
+    spec = importlib.util.spec_from_file_location(
+        "rpo_pack_as_comfyui_loads_it", root_init
+    )  # as nodes.py does
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        ext = asyncio.run(module.comfy_entrypoint())
+        ids = [n.define_schema().node_id for n in asyncio.run(ext.get_node_list())]
+        assert ids == [n.define_schema().node_id for n in NODES]
+    finally:
+        sys.modules.pop(spec.name, None)

@@ -308,3 +308,55 @@ def test_full_unet_training_saves_a_unet_that_unet_loader_reads(comfy):
     sample["14"]["inputs"]["filename_prefix"] = "rpo_full_reloaded"
     entry = server.run(sample)
     assert entry["outputs"]["14"]["images"], "UNETLoader + KSampler produced no image from the saved UNet"
+
+
+UI_CHECK = """
+import json, sys
+from pathlib import Path
+from playwright.sync_api import sync_playwright
+
+port, chromium, ui_file = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+with sync_playwright() as pw:
+    browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+    page = browser.new_page()
+    local = f"http://127.0.0.1:{port}/"
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(local) else route.abort())
+    page.goto(local, wait_until="networkidle", timeout=120000)
+    page.wait_for_function("window.app && window.app.graph", timeout=120000)
+    prompt = page.evaluate(
+        "async (wf) => { await window.app.loadGraphData(wf); return (await window.app.graphToPrompt()).output; }",
+        json.loads(ui_file.read_text()),
+    )
+    print(json.dumps(prompt))
+    browser.close()
+"""
+
+
+@pytest.mark.parametrize("name", ["rpo_train_then_sample", "rpo_generate_score_select"])
+def test_ui_workflow_loads_in_the_frontend_as_the_api_workflow(comfy, name):
+    """The UI-format file, loaded by ComfyUI's own frontend (headless Chromium), gives the API-format prompt."""
+    python, chromium = (
+        os.environ.get("PLAYWRIGHT_PYTHON"),
+        os.environ.get("CHROMIUM") or shutil.which("chromium"),
+    )
+    if not python or not chromium:
+        pytest.skip("set PLAYWRIGHT_PYTHON (a Python with playwright) and have chromium (or CHROMIUM=path)")
+    server, _ = comfy
+    done = subprocess.run([python, "-c", UI_CHECK, str(server.port), chromium, str(WORKFLOWS / f"{name}.json")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    prompt = json.loads(done.stdout.strip().splitlines()[-1])
+    api = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    ui_id = {key: str(i + 1) for i, key in enumerate(api)}  # api_to_ui numbers nodes in the API file's order
+    expected = {
+        ui_id[key]: {
+            "class_type": node["class_type"],
+            "inputs": {
+                k: [ui_id[v[0]], v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()
+            },
+        }
+        for key, node in api.items()
+    }
+    got = {k: {"class_type": v["class_type"], "inputs": {n: [str(x[0]), x[1]] if isinstance(x, list) else x
+                                                        for n, x in v["inputs"].items()}} for k, v in prompt.items()}  # fmt: skip
+    assert got == expected

@@ -28,8 +28,32 @@ def _is_widget(spec) -> bool:
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
+def _depths(api: dict) -> dict[str, int]:
+    """Column of each node: the longest chain of links leading to it, so data flows left to right."""
+    depth: dict[str, int] = {}
+
+    def visit(key: str) -> int:
+        if key not in depth:
+            sources = [v[0] for v in api[key]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+            depth[key] = 1 + max((visit(k) for k in sources), default=-1)
+        return depth[key]
+
+    for key in api:
+        visit(key)
+    return depth
+
+
+def _height(class_type: str, sockets: int, widgets: int, multiline: bool) -> int:
+    images = class_type in IMAGE_NODES
+    return 50 + 24 * (sockets + widgets) + (160 if multiline else 0) + (300 if images else 0)
+
+
+IMAGE_NODES = {"LoadImage", "PreviewImage", "SaveImage"}
+
+
 def convert(api: dict, object_info: dict) -> dict:
     ids = {key: i + 1 for i, key in enumerate(api)}
+    depths, column_y = _depths(api), {}
     nodes, links = [], []
     outputs: dict[tuple[int, int], list[int]] = {}
     for order, (key, node) in enumerate(api.items()):
@@ -66,9 +90,14 @@ def convert(api: dict, object_info: dict) -> dict:
                     widgets.append("fixed")
                 if spec[1:] and isinstance(spec[1], dict) and spec[1].get("image_upload"):
                     widgets.append("image")
+        multiline = any(_input_spec(info, n)[1:] and isinstance(_input_spec(info, n)[1], dict)
+                        and _input_spec(info, n)[1].get("multiline") for n in names)  # fmt: skip
+        height = _height(node["class_type"], max(len(inputs), len(info["output"])), len(widgets), multiline)
+        x, y = 40 + 380 * depths[key], column_y.get(depths[key], 40)
+        column_y[depths[key]] = y + height + 50
         nodes.append({
-            "id": ids[key], "type": node["class_type"], "pos": [40 + 320 * (order % 5), 40 + 360 * (order // 5)],
-            "size": [300, 200], "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": [],
+            "id": ids[key], "type": node["class_type"], "pos": [x, y],
+            "size": [340, height], "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": [],
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
         })  # fmt: skip
     for n in nodes:
