@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -360,3 +361,34 @@ def test_ui_workflow_loads_in_the_frontend_as_the_api_workflow(comfy, name):
     got = {k: {"class_type": v["class_type"], "inputs": {n: [str(x[0]), x[1]] if isinstance(x, list) else x
                                                         for n, x in v["inputs"].items()}} for k, v in prompt.items()}  # fmt: skip
     assert got == expected
+
+
+SIGNATURES = """
+import inspect, json, sys
+sys.argv = [sys.argv[0], "--cpu"]
+try:
+    import comfy.options
+    comfy.options.enable_args_parsing()
+except ImportError:  # the stand-ins have no comfy.options
+    pass
+import comfy.model_management, comfy.utils, folder_paths
+from comfy_api.latest import io, ui
+used = [folder_paths.get_folder_paths, folder_paths.get_output_directory, comfy.utils.ProgressBar.__init__,
+        comfy.utils.ProgressBar.update_absolute, comfy.model_management.throw_exception_if_processing_interrupted,
+        comfy.model_management.get_torch_device, io.NodeOutput.__init__, ui.PreviewText.__init__, io.Schema.__init__]
+print(json.dumps({f.__qualname__: list(inspect.signature(f).parameters) for f in used}))
+"""
+
+
+def test_stand_ins_have_the_real_signatures():
+    """tests/comfy_stubs must stay faithful: every ComfyUI callable the pack uses has the real parameter names."""
+
+    def signatures(python: str, path: str) -> dict:
+        done = subprocess.run([python, "-c", SIGNATURES], cwd=path, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": path})  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    real = signatures(os.environ.get("COMFYUI_PYTHON", "python"), COMFYUI_PATH)
+    stub = signatures(sys.executable, str(REPO / "tests" / "comfy_stubs"))
+    assert stub == real

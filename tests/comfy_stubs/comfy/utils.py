@@ -2,8 +2,8 @@
 
 
 class ProgressBar:
-    def __init__(self, total: int):
-        self.total, self.current = total, 0
+    def __init__(self, total: int, node_id=None):
+        self.total, self.current, self.node_id = total, 0, node_id
 
     def update_absolute(self, value: int, total: int | None = None, preview=None) -> None:
         self.current = value

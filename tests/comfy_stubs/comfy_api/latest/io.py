@@ -50,7 +50,13 @@ class Schema:
     outputs: list = field(default_factory=list)
     hidden: list | None = None
     description: str = ""
+    is_input_list: bool = False
     is_output_node: bool = False
+    is_deprecated: bool = False
+    is_experimental: bool = False
+    is_api_node: bool = False
+    not_idempotent: bool = False
+    enable_expand: bool = False
 
     def validate(self) -> None:
         ids_in = [i.id for i in self.inputs]
