@@ -233,13 +233,19 @@ def _default_prompts_text() -> str:
 def check_train_inputs(
     identifier: str, class_noun: str, prompts_text: str, output_name: str
 ) -> list[str] | None:
-    """Shared by validate_inputs and execute: returns the prompts (empty = RPO's defaults)."""
+    """Shared by validate_inputs and execute: returns the prompts, or None for RPO's prompts for the class.
+
+    The widget shows RPO's list for a 'dog' as its default; left unchanged (or emptied) it means "RPO's prompts
+    for my class noun and identifier", so changing the class to 'backpack' never trains on dog prompts.
+    """
     if not identifier or not identifier.strip() or " " in identifier.strip():
         raise ValueError("identifier must be one token such as 'sks'.")
     if not class_noun or not class_noun.strip():
         raise ValueError("class_noun is empty: name the subject's class, e.g. 'dog' or 'backpack'.")
     safe_output_name(output_name)
     prompts = parse_prompt_lines(prompts_text)
+    if prompts == parse_prompt_lines(_default_prompts_text()):
+        return None
     if prompts:
         check_prompts_have_identifier(prompts, identifier.strip(), "training prompt")
     return prompts or None
@@ -268,7 +274,8 @@ class RPOTrain(io.ComfyNode):
                     "training_prompts",
                     multiline=True,
                     default=_default_prompts_text(),
-                    tooltip="one per line, each with the identifier; empty = the RPO prompts for the class",
+                    tooltip="one per line, each with the identifier; left as is or empty = RPO's prompts for "
+                    "the class noun",
                 ),
                 io.Int.Input("steps", default=400, min=1, max=100000),
                 io.Int.Input("validation_interval", default=40, min=1, max=100000),

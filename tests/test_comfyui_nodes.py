@@ -27,7 +27,15 @@ from comfyui_nodes.conversions import (  # noqa: E402
     pil_to_comfy_image,
     safe_output_name,
 )
-from comfyui_nodes.nodes import NODES, RPOScore, RPOScorerLoader, RPOSelectBest, RPOTrain, top_k  # noqa: E402
+from comfyui_nodes.nodes import (  # noqa: E402
+    NODES,
+    RPOScore,
+    RPOScorerLoader,
+    RPOSelectBest,
+    RPOTrain,
+    check_train_inputs,
+    top_k,
+)
 
 
 def test_entrypoint_lists_every_node_with_valid_schemas():
@@ -99,6 +107,10 @@ def test_train_validation_messages():
     assert "identifier must be one token" in RPOTrain.validate_inputs(**{**ok, "identifier": ""})
     assert "plain file name" in RPOTrain.validate_inputs(**{**ok, "output_name": "../../etc/x"})
     assert RPOTrain.validate_inputs(**{**ok, "training_prompts": ""}) is True  # empty = the RPO defaults
+    default = {i.id: i for i in RPOTrain.define_schema().inputs}["training_prompts"].options["default"]
+    # The untouched default follows the class and identifier: no dog prompts for a backpack, no 'sks' for 'zwx'.
+    assert check_train_inputs("zwx", "backpack", default, "rpo_bag") is None
+    assert check_train_inputs("sks", "dog", "a sks dog\n", "rpo_dog") == ["a sks dog"]
     assert parse_prompt_lines(" a \n\n b ") == ["a", "b"]
     assert RPOScore.validate_inputs(prompt="", lambda_=0.5).startswith("prompt is empty")
     assert "[0, 1]" in RPOScore.validate_inputs(prompt="a sks dog", lambda_=1.5)
