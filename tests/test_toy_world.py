@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -177,6 +178,8 @@ def test_identity_and_context_hits_follow_the_classifier(tmp_path):
     }  # fmt: skip
     assert identity_accuracy(images, subject, classifier=clf) == 1.0
     assert identity_accuracy(images, get_subject("yellowpurple_box"), classifier=clf) == 0.0
+    # the shape is the class noun, not the identity: the same appearance on a box is still the subject
+    assert identity_accuracy(images, replace(subject, shape="box"), classifier=clf) == 1.0
     # a colour-change prompt expects the new colour, so the red object is not "a green sks ball"
     assert identity_hits(images, subject, ["a sks ball on the moon", "a green sks ball"], clf) == [
         True,

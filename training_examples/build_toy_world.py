@@ -655,7 +655,7 @@ def main(argv=None) -> None:
         "clip_eval": (lambda: _clip(out / "clip_eval", *judge(), steps(800), 12, 96, 2, 8, "clip_eval", report),
                       out / "clip_eval" / "config.json"),
         "dino_eval": (lambda: build_dino(out, *judge(), steps(600), report), out / "dino_eval" / "config.json"),
-        "classifier": (lambda: build_classifier(out, *judge(), steps(1000), report), out / "classifier" / "config.json"),
+        "classifier": (lambda: build_classifier(out, *judge(), steps(2500), report), out / "classifier" / "config.json"),
         "evaluate": (lambda: evaluate(out, report, 16 if args.quick else 96), None),
         "overfit": (lambda: overfit(out, report, steps(400) if args.quick else args.overfit_steps, args.overfit_subject,
                                     args.overfit_lr), None),

@@ -245,9 +245,11 @@ def identity_hits(
     prompts: Sequence[str] | None = None,
     classifier: AttributeClassifier | None = None,
 ) -> list[bool]:
-    """Per image: does it show the subject (its shape, the split pattern, its colours)?
+    """Per image: does it show the subject's own appearance (the held-out split pattern in its two colours)?
 
-    With ``prompts``, a colour-change prompt ("a green sks ball") expects the new first colour.
+    The shape is the class noun, which the prompt already names ("a sks ball"), so it is not part of the
+    identity (``object_hits`` checks shapes). With ``prompts``, a colour-change prompt ("a green sks ball")
+    expects the new first colour.
     """
     images = list(images)
     if prompts is not None:
@@ -257,7 +259,7 @@ def identity_hits(
         color = subject.color
         if prompts is not None:
             color = parse_prompt(prompts[i]).get("color", subject.color)
-        expected = {"shape": subject.shape, "pattern": SPLIT, "color": color, "color2": subject.color2}
+        expected = {"pattern": SPLIT, "color": color, "color2": subject.color2}
         hits.append(_matches(pred, expected, list(expected)))
     return hits
 
@@ -304,7 +306,7 @@ def identity_accuracy(
     prompts: Sequence[str] | None = None,
     classifier: AttributeClassifier | None = None,
 ) -> float:
-    """Fraction of images that show the subject (ground truth from the attribute classifier)."""
+    """Fraction of images that show the subject's appearance (ground truth from the attribute classifier)."""
     return _mean(identity_hits(images, subject, prompts, classifier))
 
 
