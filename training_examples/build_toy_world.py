@@ -590,7 +590,8 @@ def overfit(out: Path, report: dict, steps: int, subject_name: str, learning_rat
         })  # fmt: skip
         log(f"overfit {curve[-1]}")
     shutil.rmtree(run_dir)
-    report["overfit_dreambooth_no_prior"] = {
+    runs = report.setdefault("overfit_dreambooth_no_prior", {})
+    runs[f"lr{learning_rate:g}_steps{steps}"] = {
         "subject": subject_name, "steps": steps, "learning_rate": learning_rate,
         "validation_prompts": "the subject's held-out evaluation prompts, 2 images each", "curve": curve,
     }  # fmt: skip
