@@ -559,15 +559,17 @@ def grid_cells(grid, rows: int, cols: int) -> list:
 
 def overfit(out: Path, report: dict, steps: int, subject_name: str, learning_rate: float) -> None:
     """DreamBooth without prior preservation (pure L_sim, no preference term, no early stopping) on one
-    subject: identity and context accuracy of held-out-prompt images at every validation step."""
+    subject: identity and context accuracy of held-out-prompt images at every validation step, and the
+    identity of images of the instance prompt itself ("a photo of sks ball": what the loss fits)."""
     from PIL import Image
 
     from rpo_diffusers.config import RPOConfig
+    from rpo_diffusers.prompts import instance_prompt
     from rpo_diffusers.trainer import RPOTrainer
 
     subject = SUBJECTS[subject_name]
     run_dir = out / "_overfit_run"
-    val_prompts = subject.evaluation_prompts()
+    val_prompts = [instance_prompt(subject.class_noun), *subject.evaluation_prompts()]
     cfg = RPOConfig(
         pretrained_model_name_or_path=str(out / "sd"), scorer_model_name_or_path=str(out / "scorer"),
         class_noun=subject.class_noun, train_prompts=subject.training_prompts(), validation_prompts=val_prompts,
@@ -578,13 +580,15 @@ def overfit(out: Path, report: dict, steps: int, subject_name: str, learning_rat
     )  # fmt: skip
     result = RPOTrainer(cfg, reference_images=subject.reference_images(SIZE)).train()
     clf = AttributeClassifier.from_pretrained(out / "classifier")
-    prompts = [p for p in val_prompts for _ in range(2)]
+    prompts = [p for p in val_prompts[1:] for _ in range(2)]
     curve = []
     for entry in result.history:
         grid = Image.open(run_dir / "validation" / f"step_{entry['step']:05d}.png").convert("RGB")
-        images = grid_cells(grid, len(val_prompts), 2)
+        cells = grid_cells(grid, len(val_prompts), 2)
+        instance_images, images = cells[:2], cells[2:]  # row 0 is the instance prompt
         curve.append({
             "step": entry["step"], "reward": round(entry["reward"], 4),
+            "identity_on_instance_prompt": _rate(identity_hits(instance_images, subject, classifier=clf)),
             "identity_accuracy": _rate(identity_hits(images, subject, prompts, clf)),
             "context_accuracy": _rate(context_hits(images, prompts, clf)),
         })  # fmt: skip
@@ -593,7 +597,8 @@ def overfit(out: Path, report: dict, steps: int, subject_name: str, learning_rat
     runs = report.setdefault("overfit_dreambooth_no_prior", {})
     runs[f"lr{learning_rate:g}_steps{steps}"] = {
         "subject": subject_name, "steps": steps, "learning_rate": learning_rate,
-        "validation_prompts": "the subject's held-out evaluation prompts, 2 images each", "curve": curve,
+        "validation_prompts": "the instance prompt, then the subject's held-out evaluation prompts (2 images each); "
+                              "accuracies are over the evaluation prompts", "curve": curve,
     }  # fmt: skip
 
 
