@@ -122,6 +122,13 @@ class RPOConfig:
     patience: int | None = field(
         default=None, metadata={"help": "Stop after this many validations without improvement (None: never)."}
     )
+    early_stopping: bool = field(
+        default=True,
+        metadata={
+            "help": "Export the validation step with the best reward (RPO's selection). False exports the last "
+            "step (validation still runs and is logged): the DreamBooth-style baselines."
+        },
+    )
     # --- output ------------------------------------------------------------------------------------------
     output_dir: str = field(
         default="rpo-output", metadata={"help": "Where the model, history and checkpoints go."}
@@ -190,6 +197,8 @@ class RPOConfig:
             raise ValueError(f"pref_loss_weight must be >= 0, got {self.pref_loss_weight}.")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience}.")
+        if self.patience is not None and not self.early_stopping:
+            raise ValueError("patience stops at the best step, which needs early_stopping=True; drop one of them.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
         if self.resolution % 8:

@@ -451,11 +451,12 @@ class RPOTrainer:
         self.history.append(entry)
         improved = entry["reward"] > self.best_reward
         if improved:
-            self.best_step, self.best_reward = entry["step"], entry["reward"]
-            self.best_state = self.components.trainable_state_dict()
             self.validations_without_improvement = 0
         else:
             self.validations_without_improvement += 1
+        if improved or not self.config.early_stopping:  # without early stopping the latest step is exported
+            self.best_step, self.best_reward = entry["step"], entry["reward"]
+            self.best_state = self.components.trainable_state_dict()
         self.accelerator.log(
             {"val/reward": entry["reward"], "val/align_i": entry["align_i"], "val/align_t": entry["align_t"]},
             step=entry["step"],
@@ -705,6 +706,7 @@ class RPOTrainer:
             "global_step": self.global_step,
             "stopped_early": stopped_early,
             "lambda_val": cfg.lambda_val,
+            "early_stopping": cfg.early_stopping,
             "history": self.history,
             "timings": self.timings,
         }

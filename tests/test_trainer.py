@@ -201,6 +201,32 @@ def test_early_stopping_picks_the_best_validation_and_exports_it(tiny_sd_dir, tm
     assert card.startswith("---") and "instance_prompt" in card and "step **4**" in card
 
 
+def test_without_early_stopping_the_last_step_is_exported(tiny_sd_dir, tmp_path, references):
+    # the same rewards as above: the best is at step 4, but the DreamBooth-style baseline keeps step 6
+    scorer = ScriptedScorer([0.1, 0.3, 0.7, 0.4])
+    trainer = make_trainer(
+        tiny_sd_dir, tmp_path, scorer, references, max_train_steps=6, early_stopping=False, learning_rate=1e-3
+    )
+    snapshots = {}
+    trainer.callbacks.append(
+        lambda event, p: (
+            snapshots.__setitem__(p["step"], trainer.components.trainable_state_dict())
+            if event == "validation"
+            else None
+        )
+    )
+    result = trainer.train()
+    assert [h["step"] for h in result.history] == [0, 2, 4, 6]
+    assert result.best_step == 6 and result.best_reward == pytest.approx(0.4) and not result.stopped_early
+    exported = load_file(str(tmp_path / "out/rpo_unet.safetensors"))
+    for name, value in snapshots[6].items():
+        assert torch.equal(exported[name.removeprefix("unet.")], value)
+    assert not torch.equal(exported["conv_in.weight"], snapshots[4]["unet.conv_in.weight"])
+    assert json.loads((tmp_path / "out/rpo_history.json").read_text())["early_stopping"] is False
+    with pytest.raises(ValueError, match="needs early_stopping=True"):
+        make_config(tiny_sd_dir, tmp_path, early_stopping=False, patience=2)
+
+
 def test_exported_full_pipeline_reproduces_the_model(tiny_sd_dir, tmp_path, clip_scorer, references):
     scorer = ScriptedScorer([0.1, 0.5, 0.9])  # best = last step, so the in-memory model is the exported one
     trainer = make_trainer(tiny_sd_dir, tmp_path, scorer, references, learning_rate=1e-3)
