@@ -198,7 +198,9 @@ class RPOConfig:
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience}.")
         if self.patience is not None and not self.early_stopping:
-            raise ValueError("patience stops at the best step, which needs early_stopping=True; drop one of them.")
+            raise ValueError(
+                "patience stops at the best step, which needs early_stopping=True; drop one of them."
+            )
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
         if self.resolution % 8:
