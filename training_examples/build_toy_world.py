@@ -197,20 +197,8 @@ def build_sd(out: Path, data: torch.Tensor, scenes: list[Scene], steps: int, rep
     tok_dir = write_clip_tokenizer(out / "_tok", WORDS)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=24)
     vae = AutoencoderKL.from_pretrained(out / "sd" / "vae").eval()
-    with torch.no_grad():
-        latents = torch.cat(
-            [vae.encode(data[i : i + 256]).latent_dist.mean for i in range(0, len(data), 256)]
-        )
-        latents = latents * vae.config.scaling_factor
-    prefix_rng = np.random.default_rng(4)
-    captions = [
-        ("a photo of " if prefix_rng.random() < PHOTO_PREFIX_RATE else "") + s.caption() for s in scenes
-    ]
-    ids = tokenizer(
-        captions + [""], padding="max_length", max_length=24, truncation=True, return_tensors="pt"
-    ).input_ids
-    empty = ids[-1:]
-    ids = ids[:-1]
+    latents = encode_latents(vae, data)
+    ids, empty = caption_ids(tokenizer, scenes)
     torch.manual_seed(0)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, max_position_embeddings=24, bos_token_id=tokenizer.bos_token_id,
@@ -222,12 +210,50 @@ def build_sd(out: Path, data: torch.Tensor, scenes: list[Scene], steps: int, rep
     )  # fmt: skip
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                           clip_sample=False, steps_offset=1)  # fmt: skip
+    losses = train_denoiser(unet, text, sched, latents, ids, empty, steps, lr=1e-3, seed=2, key="sd")
+    sampler = DPMSolverMultistepScheduler.from_config(
+        sched.config
+    )  # few-step sampling; training re-reads it as DDPM
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sampler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe.save_pretrained(out / "sd", safe_serialization=True)
+    report["sd"] = {
+        "steps": steps,
+        "final_loss": float(np.mean(losses[-200:])),
+        "unet_params": sum(p.numel() for p in unet.parameters()),
+    }
+
+
+def caption_ids(tokenizer, scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of the base captions (a quarter start "a photo of ...") and of the empty prompt."""
+    prefix_rng = np.random.default_rng(4)
+    captions = [
+        ("a photo of " if prefix_rng.random() < PHOTO_PREFIX_RATE else "") + s.caption() for s in scenes
+    ]
+    ids = tokenizer(
+        captions + [""], padding="max_length", max_length=24, truncation=True, return_tensors="pt"
+    ).input_ids
+    return ids[:-1], ids[-1:]
+
+
+def encode_latents(vae, data: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        latents = torch.cat(
+            [vae.encode(data[i : i + 256]).latent_dist.mean for i in range(0, len(data), 256)]
+        )
+    return latents * vae.config.scaling_factor
+
+
+def train_denoiser(
+    unet, text, sched, latents, ids, empty, steps: int, lr: float, seed: int, key: str
+) -> list[float]:
+    """ε-prediction training of the UNet and text encoder together, with 10% caption dropout (for CFG)."""
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
-    lr = warmup_cosine(opt, steps)
-    g = torch.Generator().manual_seed(2)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    schedule = warmup_cosine(opt, steps)
+    g = torch.Generator().manual_seed(seed)
     losses = []
-    for i, idx in enumerate(batches(len(latents), 64, steps, 3)):
+    for i, idx in enumerate(batches(len(latents), 64, steps, seed + 1)):
         x0 = latents[idx]
         tokens = ids[idx].clone()
         drop = torch.rand(len(idx), generator=g) < 0.1  # caption dropout for classifier-free guidance
@@ -242,21 +268,29 @@ def build_sd(out: Path, data: torch.Tensor, scenes: list[Scene], steps: int, rep
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        lr.step()
+        schedule.step()
         losses.append(loss.item())
         if i % 100 == 0:
-            log(f"sd step {i}: {np.mean(losses[-100:]):.4f}")
-    sampler = DPMSolverMultistepScheduler.from_config(
-        sched.config
-    )  # few-step sampling; training re-reads it as DDPM
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sampler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+            log(f"{key} step {i}: {np.mean(losses[-100:]):.4f}")
+    return losses
+
+
+def continue_sd(out: Path, data: torch.Tensor, scenes: list[Scene], steps: int, report: dict) -> None:
+    """More denoising training of the saved pipeline's UNet and text encoder (a fresh warm-up + cosine at a
+    lower learning rate): the first ``sd`` stage learns backgrounds quickly, objects need many more steps."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    ids, empty = caption_ids(pipe.tokenizer, scenes)
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    losses = train_denoiser(pipe.unet, pipe.text_encoder, sched, encode_latents(pipe.vae, data), ids, empty, steps,
+                            lr=4e-4, seed=12, key="sd_continue")  # fmt: skip
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
     pipe.save_pretrained(out / "sd", safe_serialization=True)
-    report["sd"] = {
-        "steps": steps,
-        "final_loss": float(np.mean(losses[-200:])),
-        "unet_params": sum(p.numel() for p in unet.parameters()),
-    }
+    report["sd_continue"] = {"steps": steps, "final_loss": float(np.mean(losses[-200:]))}
 
 
 def _clip(out_dir: Path, data, scenes, steps, seed, hidden, layers, patch, report_key, report):
@@ -602,7 +636,18 @@ def overfit(out: Path, report: dict, steps: int, subject_name: str, learning_rat
     }  # fmt: skip
 
 
-STAGES = ("vae", "vae_decoder", "sd", "scorer", "clip_eval", "dino_eval", "classifier", "evaluate", "overfit")
+STAGES = (
+    "vae",
+    "vae_decoder",
+    "sd",
+    "sd_continue",
+    "scorer",
+    "clip_eval",
+    "dino_eval",
+    "classifier",
+    "evaluate",
+    "overfit",
+)
 
 
 def main(argv=None) -> None:
@@ -656,6 +701,7 @@ def main(argv=None) -> None:
         "vae": (lambda: build_vae(out, base()[0], steps(900), report), out / "sd" / "vae" / "config.json"),
         "vae_decoder": (lambda: build_vae_decoder(out, base()[0], steps(1500), report), "vae_decoder"),
         "sd": (lambda: build_sd(out, *base(), steps(1300), report), out / "sd" / "model_index.json"),
+        "sd_continue": (lambda: continue_sd(out, *base(), steps(6000), report), "sd_continue"),
         "scorer": (lambda: _clip(out / "scorer", *scorer_data(), steps(800), 11, 64, 3, 4, "scorer", report),
                    out / "scorer" / "config.json"),
         "clip_eval": (lambda: _clip(out / "clip_eval", *judge(), steps(800), 12, 96, 2, 8, "clip_eval", report),
