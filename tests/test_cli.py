@@ -249,3 +249,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     metrics = json.loads((tmp_path / "demo_metrics.json").read_text())
     assert metrics["best_step"] in (0, 1, 2)
     assert metrics["best_reward"] is None or 0.0 < metrics["best_reward"] <= 1.0
+    # the references are real files the trainer read back, and the held-out evaluation ran on both models
+    assert len(list((tmp_path / "references").glob("*.png"))) == 5
+    for name in ("base", "rpo"):
+        row = metrics["heldout_metrics"][name]
+        assert 0.0 <= row["identity_acc"] <= 1.0 and 0.0 <= row["context_acc"] <= 1.0
+        assert -1.0 <= row["dino"] <= 1.0 and 0.0 < row["lambda_harmonic"] <= 1.0
+    assert "base ->" in out and (tmp_path / "heldout_before_after.png").exists()

@@ -1,0 +1,392 @@
+#!/usr/bin/env python
+"""The paper's ablation on the same subjects: which training recipe keeps the subject AND follows the prompt?
+
+    python training_examples/benchmark_methods.py --output_dir bench-toy            # bundled toy world, 2 CPU cores
+    python training_examples/benchmark_methods.py --output_dir /tmp/b --quick       # smoke test (one subject, minutes)
+    python training_examples/benchmark_methods.py --output_dir bench-sd --dreambench_dir ../shared/dreambench \\
+        --model stable-diffusion-v1-5/stable-diffusion-v1-5 --scorer kakaobrain/align-base \\
+        --dino facebook/dino-vits16 --clip openai/clip-vit-base-patch16 --resolution 512 --use_lora   # a GPU
+
+Methods (each trains from the same base model with the same seed; see METHODS):
+  base              no training
+  dreambooth        L_sim only, the last step is exported (DreamBooth without prior preservation)
+  dreambooth_prior  L_sim + prior-preservation loss on base-model class images, the last step
+  pref_no_es        L_sim + L_pref, the last step (RPO without early stopping)
+  es_no_pref        L_sim only, the best validation step at λ_val 0.5 (early stopping without L_pref)
+  rpo_lambda0.3/0.5/0.7   RPO: L_sim + L_pref, the best validation step at that λ_val
+
+Validation (what early stopping sees) uses the training prompts; evaluation uses each subject's held-out
+prompts, with the same seeds for every method. Columns: DINO, CLIP-I, CLIP-T (evaluation encoders, never the
+scorer), the λ-harmonic reward at λ 0.5 (the scorer), and on the toy world the ground-truth identity and
+context accuracy from the attribute classifier; wall time is the training run's (generation, training,
+validation, export). The table shows mean ± std over subjects; ``results.csv`` has one row per subject and
+method; ``grids/`` one image per subject (a row per method); ``tradeoff.png`` plots identity against context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from rpo_diffusers.config import RPOConfig
+from rpo_diffusers.data import load_image_folder
+from rpo_diffusers.evaluation import Judges, generate_images
+from rpo_diffusers.prompts import evaluation_prompts, load_dreambench_classes, subject_type_for
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    overrides: dict[str, Any] | None  # RPOConfig fields; None = the base model, untrained
+
+
+METHODS: tuple[Method, ...] = (
+    Method("base", "base model", None),
+    Method("dreambooth", "DreamBooth (L_sim)", {"pref_loss_weight": 0.0, "early_stopping": False}),
+    Method(
+        "dreambooth_prior",
+        "DreamBooth + prior",
+        {"pref_loss_weight": 0.0, "early_stopping": False, "with_prior_preservation": True},
+    ),
+    Method("pref_no_es", "L_pref, no early stop", {"early_stopping": False}),
+    Method("es_no_pref", "early stop, no L_pref", {"pref_loss_weight": 0.0, "lambda_val": 0.5}),
+    Method("rpo_lambda0.3", "RPO λ_val 0.3", {"lambda_val": 0.3}),
+    Method("rpo_lambda0.5", "RPO λ_val 0.5", {"lambda_val": 0.5}),
+    Method("rpo_lambda0.7", "RPO λ_val 0.7", {"lambda_val": 0.7}),
+)
+METRICS = ("dino", "clip_i", "clip_t", "lambda_harmonic", "identity_acc", "context_acc", "wall_s")
+
+
+@dataclass
+class BenchSubject:
+    """One subject: its references, class noun and prompts (toy subjects also carry their ground truth)."""
+
+    name: str
+    class_noun: str
+    references: list[Image.Image]
+    eval_prompts: list[str]
+    train_prompts: list[str] | None = None  # None: RPO's 8 default prompts for the class
+    toy: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def toy_subjects(names: Sequence[str] | None) -> list[BenchSubject]:
+    from rpo_diffusers.toy import SUBJECTS, get_subject
+
+    chosen = [get_subject(n) for n in (names or list(SUBJECTS))]
+    return [
+        BenchSubject(
+            s.name, s.class_noun, s.reference_images(32), s.evaluation_prompts(), s.training_prompts(), s
+        )
+        for s in chosen
+    ]
+
+
+def dreambench_subjects(root: Path, names: Sequence[str] | None, identifier: str) -> list[BenchSubject]:
+    classes = load_dreambench_classes(str(root / "prompts_and_classes.txt"))
+    unknown = sorted(set(names or ()) - set(classes))
+    if unknown:
+        raise ValueError(f"Not DreamBench subjects: {unknown}; choose from {sorted(classes)}.")
+    out = []
+    for name in names or sorted(classes):
+        noun = classes[name]
+        prompts = evaluation_prompts(noun, identifier, subject_type_for(noun))
+        out.append(BenchSubject(name, noun, load_image_folder(root / name), prompts))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# one run: train (or not), then generate the held-out prompts
+# ------------------------------------------------------------------------------------------------
+
+
+def run_config(args: argparse.Namespace, subject: BenchSubject, method: Method, run_dir: Path) -> RPOConfig:
+    settings: dict[str, Any] = dict(
+        pretrained_model_name_or_path=args.model, scorer_model_name_or_path=args.scorer,
+        class_noun=subject.class_noun, identifier=args.identifier, train_prompts=subject.train_prompts,
+        max_train_steps=args.max_train_steps, validation_steps=args.validation_steps,
+        learning_rate=args.learning_rate, use_lora=args.use_lora, resolution=args.resolution,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        images_per_prompt=args.images_per_prompt, num_validation_images=args.num_validation_images,
+        mixed_precision=args.mixed_precision,
+        output_dir=str(run_dir), report_to="none", seed=args.seed,
+    )  # fmt: skip
+    settings.update(method.overrides or {})
+    if settings.get("with_prior_preservation"):
+        settings["num_class_images"] = args.num_class_images
+    return RPOConfig(**settings)
+
+
+def train_and_load(args, subject: BenchSubject, method: Method, run_dir: Path):
+    """The pipeline a method ends with, and what its training reported."""
+    from diffusers import StableDiffusionPipeline
+
+    from rpo_diffusers.trainer import RPOTrainer
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    if method.overrides is None:
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=dtype, safety_checker=None)
+        return pipe, {"wall_s": 0.0, "best_step": None, "history": []}
+    config = run_config(args, subject, method, run_dir)
+    t0 = time.perf_counter()
+    result = RPOTrainer(config, reference_images=subject.references).train()
+    wall = time.perf_counter() - t0
+    if args.use_lora:
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=dtype, safety_checker=None)
+        pipe.load_lora_weights(run_dir)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(run_dir, dtype=dtype, safety_checker=None)
+    info = {"wall_s": wall, "best_step": result.best_step, "history": result.history}
+    return pipe, info
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics
+# ------------------------------------------------------------------------------------------------
+
+
+def load_judges(args) -> Judges:
+    return Judges.from_pretrained(
+        dino=args.dino, clip=args.clip, scorer=args.scorer, identifier=args.identifier,
+        classifier=args.classifier if args.toy else None,
+    )  # fmt: skip
+
+
+def summarize(rows: list[dict[str, Any]], methods: Sequence[Method]) -> list[dict[str, Any]]:
+    """Mean and std over subjects of every metric, one entry per method (in METHODS order)."""
+    out = []
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m.name]
+        if not mine:
+            continue
+        entry: dict[str, Any] = {"method": m.name, "label": m.label, "subjects": len(mine)}
+        for k in METRICS:
+            values = [float(r[k]) for r in mine if r.get(k) not in (None, "")]
+            entry[k] = (float(np.mean(values)), float(np.std(values))) if values else None
+        out.append(entry)
+    return out
+
+
+def format_table(summary: list[dict[str, Any]]) -> str:
+    """A markdown table: mean ± std over subjects."""
+    head = ["method", *METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cells = [s["label"]]
+        for k in METRICS:
+            v = s[k]
+            if v is None:
+                cells.append("–")
+            elif k == "wall_s":
+                cells.append(f"{v[0]:.0f} ± {v[1]:.0f}")
+            else:
+                cells.append(f"{v[0]:.3f} ± {v[1]:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tradeoff_plot(summary: list[dict[str, Any]], x_key: str, y_key: str, size=(640, 480)) -> Image.Image:
+    """Scatter of the methods' means: subject fidelity (x) against prompt fidelity (y)."""
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 70, size[0] - 30, 30, size[1] - 50
+    draw.rectangle((left, top, right, bottom), outline="black")
+    draw.text((left, 8), f"{y_key} against {x_key} (mean over subjects)", fill="black")
+    points = [(s["label"], s[x_key][0], s[y_key][0]) for s in summary if s.get(x_key) and s.get(y_key)]
+    if not points:
+        return img
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    x0, x1 = (x0 - 0.05, x1 + 0.05) if x1 - x0 < 1e-6 else (x0 - 0.1 * (x1 - x0), x1 + 0.1 * (x1 - x0))
+    y0, y1 = (y0 - 0.05, y1 + 0.05) if y1 - y0 < 1e-6 else (y0 - 0.1 * (y1 - y0), y1 + 0.1 * (y1 - y0))
+    for frac in (0.0, 0.5, 1.0):
+        draw.text(
+            (left + frac * (right - left) - 12, bottom + 6), f"{x0 + frac * (x1 - x0):.2f}", fill="black"
+        )
+        draw.text((8, bottom - frac * (bottom - top) - 6), f"{y0 + frac * (y1 - y0):.2f}", fill="black")
+    draw.text(((left + right) // 2 - 30, bottom + 26), x_key, fill="black")
+    for label, x, y in points:
+        px = left + (x - x0) / (x1 - x0) * (right - left)
+        py = bottom - (y - y0) / (y1 - y0) * (bottom - top)
+        color = (220, 30, 30) if label.startswith("RPO") else (30, 90, 200)
+        draw.ellipse((px - 4, py - 4, px + 4, py + 4), fill=color)
+        draw.text((px + 6, py - 6), label, fill=color)
+    return img
+
+
+def labelled_grid(rows: list[tuple[str, list[Image.Image]]], cell: int = 64) -> Image.Image:
+    """One row of images per method, its name on the left."""
+    label_w = 150
+    cols = max(len(ims) for _, ims in rows)
+    grid = Image.new("RGB", (label_w + cols * cell, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, ims) in enumerate(rows):
+        draw.text((4, r * cell + cell // 2 - 6), label, fill="black")
+        for c, im in enumerate(ims):
+            grid.paste(im.convert("RGB").resize((cell, cell)), (label_w + c * cell, r * cell))
+    return grid
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from rpo_diffusers.toy import SAMPLING, asset_path
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output_dir", default="benchmark-methods")
+    p.add_argument("--quick", action="store_true", help="one subject, 3 methods, few steps: a smoke test")
+    p.add_argument("--methods", nargs="*", default=None, choices=[m.name for m in METHODS])
+    p.add_argument("--subjects", nargs="*", default=None, help="subject names (default: all)")
+    p.add_argument("--dreambench_dir", default=None, help="DreamBench folder; default: the bundled toy world")
+    p.add_argument("--model", default=None, help="Stable Diffusion pipeline (default: the toy world's)")
+    p.add_argument("--scorer", default=None, help="λ-harmonic dual encoder (default: the toy world's)")
+    p.add_argument("--dino", default=None, help="DINO ViT for evaluation (default: the toy world's)")
+    p.add_argument("--clip", default=None, help="CLIP for evaluation (default: the toy world's)")
+    p.add_argument("--identifier", default="sks")
+    p.add_argument("--max_train_steps", type=int, default=400)
+    p.add_argument("--validation_steps", type=int, default=40)
+    p.add_argument(
+        "--learning_rate", type=float, default=None, help="default: 1e-4 on the toy world, else RPO's"
+    )
+    p.add_argument("--use_lora", action="store_true")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--num_inference_steps", type=int, default=None)
+    p.add_argument("--guidance_scale", type=float, default=None)
+    p.add_argument("--images_per_prompt", type=int, default=4, help="base-model training images per prompt")
+    p.add_argument("--num_validation_images", type=int, default=2)
+    p.add_argument("--num_class_images", type=int, default=50, help="prior preservation's class images")
+    p.add_argument("--num_eval_images", type=int, default=4, help="images per held-out prompt")
+    p.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared CPU)")
+    p.add_argument("--keep_models", action="store_true", help="keep every run's exported weights")
+    args = p.parse_args(argv)
+    args.toy = args.dreambench_dir is None
+    if args.toy:
+        args.model = args.model or str(asset_path("sd"))
+        args.scorer = args.scorer or str(asset_path("scorer"))
+        args.dino = args.dino or str(asset_path("dino_eval"))
+        args.clip = args.clip or str(asset_path("clip_eval"))
+        args.classifier = str(asset_path("classifier"))
+        args.resolution = args.resolution or SAMPLING["resolution"]
+        args.num_inference_steps = args.num_inference_steps or SAMPLING["num_inference_steps"]
+        args.guidance_scale = args.guidance_scale or SAMPLING["guidance_scale"]
+        if args.learning_rate is None and not args.use_lora:
+            args.learning_rate = 1e-4  # the 1M-parameter toy UNet needs more than SD's 5e-6
+    else:
+        missing = [k for k in ("model", "scorer", "dino", "clip") if getattr(args, k) is None]
+        if missing:
+            p.error(f"with --dreambench_dir, also give --{' --'.join(missing)} (hub ids or local folders)")
+        args.resolution = args.resolution or 512
+        args.num_inference_steps = args.num_inference_steps or 50
+        args.guidance_scale = args.guidance_scale or 7.5
+    if args.quick:
+        args.subjects = args.subjects or (None if not args.toy else ["redblue_ball"])
+        args.methods = args.methods or ["base", "dreambooth", "rpo_lambda0.5"]
+        args.max_train_steps, args.validation_steps = (
+            min(args.max_train_steps, 40),
+            min(args.validation_steps, 20),
+        )
+        args.images_per_prompt, args.num_validation_images = 1, 1
+        args.num_eval_images, args.num_class_images = 2, 4
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    subjects = (
+        toy_subjects(args.subjects)
+        if args.toy
+        else dreambench_subjects(Path(args.dreambench_dir), args.subjects, args.identifier)
+    )
+    methods = [m for m in METHODS if args.methods is None or m.name in args.methods]
+    judges = load_judges(args)
+    print(f"{len(subjects)} subjects x {len(methods)} methods; results in {out}", flush=True)
+    rows: list[dict[str, Any]] = []
+    histories: dict[str, dict[str, Any]] = {}
+    csv_path = out / "results.csv"
+    t_start = time.perf_counter()
+    for subject in subjects:
+        grid_rows = []
+        for method in methods:
+            run_dir = out / "runs" / subject.name / method.name
+            pipe, info = train_and_load(args, subject, method, run_dir)
+            pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+            images = generate_images(
+                pipe, subject.eval_prompts, args.num_eval_images, seed=args.seed, resolution=args.resolution,
+                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+            )  # fmt: skip
+            del pipe
+            row = {"subject": subject.name, "method": method.name, "best_step": info["best_step"]}
+            row.update(judges.score(subject.references, images, subject.name, subject.toy))
+            row["wall_s"] = info["wall_s"]
+            rows.append(row)
+            histories[f"{subject.name}/{method.name}"] = {
+                "best_step": info["best_step"],
+                "history": info["history"],
+            }
+            grid_rows.append((method.label, [ims[0] for ims in images.values()]))
+            shown = ", ".join(f"{k} {row[k]:.3f}" for k in METRICS if k in row and k != "wall_s")
+            print(f"[{time.perf_counter() - t_start:6.0f}s] {subject.name:>18} {method.name:>16}: {shown}, "
+                  f"chosen step {info['best_step']}, {info['wall_s']:.0f}s", flush=True)  # fmt: skip
+            write_csv(csv_path, rows)
+            if not args.keep_models and run_dir.exists():
+                for f in run_dir.rglob("*.safetensors"):
+                    f.unlink()
+        grid_dir = out / "grids"
+        grid_dir.mkdir(exist_ok=True)
+        labelled_grid([("references", subject.references[: len(subject.eval_prompts)]), *grid_rows]).save(
+            grid_dir / f"{subject.name}.png"
+        )
+    summary = summarize(rows, methods)
+    table = format_table(summary)
+    print("\n" + table)
+    (out / "table.md").write_text(table + "\n")
+    (out / "summary.json").write_text(
+        json.dumps(
+            {"args": {k: v for k, v in vars(args).items()}, "summary": summary, "runs": histories}, indent=2
+        )
+    )
+    x_key, y_key = ("identity_acc", "context_acc") if args.toy else ("dino", "clip_t")
+    tradeoff_plot(summary, x_key, y_key).save(out / "tradeoff.png")
+    print(
+        f"wrote {csv_path}, {out / 'table.md'}, {out / 'summary.json'}, {out / 'tradeoff.png'}, {out / 'grids'}/"
+    )
+    print(f"total {time.perf_counter() - t_start:.0f}s")
+    return 0
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewritten after every run, so an interrupted benchmark keeps what it measured."""
+    keys = ["subject", "method", "best_step", *METRICS]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and math.isnan(r[k]))
+                                 else r[k]) for k in keys})  # fmt: skip
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
