@@ -4,14 +4,20 @@
     python training_examples/benchmark_trainer.py                                   # tiny pipeline, CPU
     python training_examples/benchmark_trainer.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --scorer kakaobrain/align-base --resolution 512 --steps 20 --mixed_precision fp16   # on a GPU
+    python training_examples/benchmark_trainer.py --sd15_shaped --clip_b16 --resolution 512 \\
+        --mixed_precision fp16 --steps 20 --images_per_prompt 2 --sampling_steps 20   # real size, random weights
 
 Each mode runs in its own process so its peak memory is its own (CUDA: max allocated during train();
 CPU: the process's max RSS, which includes Python, torch and the loaded models); train_add_mib = that peak
 minus the memory in use just before train() (what training adds: activations, optimiser state, the
-frozen reference copy of a full fine-tune, generated images). s/step is the median gap
+frozen reference copy of a full fine-tune, generated images); the models are moved to the device before
+that baseline is read, so on CUDA it excludes the weights. s/step is the median gap
 between consecutive optimiser steps, so the validation at the end does not count. Phases: setup = loading
 the pipeline and scorer; generation = the base model's training images and their rewards; training =
 optimiser steps; validation = every validation including step 0; export = saving the best model.
+gen_img_s = generated training images / generation seconds (sampling with CFG, VAE decode, PNG save).
+--sd15_shaped and --clip_b16 build random-weight models with Stable Diffusion 1.5's and CLIP ViT-B/16's exact
+shapes (no download): speed and memory do not depend on the weights' values.
 On a shared CPU, pin --num_threads (default 1) or the numbers measure thread contention, not the trainer.
 """
 
@@ -32,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 PHASES = ("setup", "generation", "training", "validation", "export")
-COLUMNS = ("mode", "s_per_step", "peak_mib", "train_add_mib", *(f"{p}_s" for p in PHASES))
+COLUMNS = ("mode", "s_per_step", "peak_mib", "train_add_mib", "gen_img_s", *(f"{p}_s" for p in PHASES))
 
 
 def _rss_mib() -> float:
@@ -65,6 +71,7 @@ def run_one(args: argparse.Namespace) -> dict:
         output_dir=args.output_dir, resolution=args.resolution, num_inference_steps=args.sampling_steps,
         images_per_prompt=args.images_per_prompt, num_validation_images=1, max_train_steps=args.steps,
         validation_steps=args.steps, use_lora=args.mode == "lora", mixed_precision=args.mixed_precision,
+        generation_batch_size=args.generation_batch_size, gradient_checkpointing=args.gradient_checkpointing,
         report_to="none",
     )  # fmt: skip
     step_times: list[float] = []
@@ -77,7 +84,9 @@ def run_one(args: argparse.Namespace) -> dict:
     trainer = RPOTrainer(config, reference_images=refs, callbacks=[on_event])
     setup_s = time.perf_counter() - t0
     cuda = torch.cuda.is_available()
+    trainer.components.to(trainer.accelerator.device)  # train() does this too: the baseline holds the weights
     if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before_train = torch.cuda.memory_allocated() / 2**20
     else:
@@ -85,11 +94,17 @@ def run_one(args: argparse.Namespace) -> dict:
     result = trainer.train()
     gaps = np.diff(step_times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mib()
+    generated = len(config.train_prompts) * config.images_per_prompt
     return {
         "mode": args.mode,
         "s_per_step": float(np.median(gaps)) if len(gaps) else float("nan"),
         "peak_mib": peak,
         "train_add_mib": peak - before_train,
+        "before_train_mib": before_train,
+        "gen_img_s": generated / result.timings["generation"]
+        if result.timings.get("generation")
+        else float("nan"),
+        "generated_images": generated,
         "memory": "cuda max allocated" if cuda else "process max RSS",
         "device": str(trainer.accelerator.device),
         "trainable_params": sum(p.numel() for p in trainer.components.trainable_parameters()),
@@ -101,23 +116,62 @@ def run_one(args: argparse.Namespace) -> dict:
 def _child_command(args: argparse.Namespace, mode: str, output_dir: Path) -> list[str]:
     cmd = [sys.executable, __file__, "--mode", mode, "--output_dir", str(output_dir)]
     for k in ("model", "scorer", "resolution", "steps", "sampling_steps", "images_per_prompt", "mixed_precision",
-              "num_threads"):  # fmt: skip
+              "num_threads", "generation_batch_size"):  # fmt: skip
         cmd += [f"--{k}", str(getattr(args, k))]
-    return cmd
+    return cmd + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
 
 
 def run_mode(args: argparse.Namespace, mode: str, output_dir: Path) -> dict:
-    """Run one mode in a fresh process (so peak memory is its own) and parse its RESULT line."""
+    """Run one mode in a fresh process (so peak memory is its own) and parse its RESULT line.
+
+    A failed mode (an out-of-memory error, a dtype error) becomes a row with NaNs and its error, so the other
+    mode is still measured."""
     env = dict(os.environ)
     if args.num_threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.num_threads)
     proc = subprocess.run(_child_command(args, mode, output_dir), capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"The {mode} benchmark run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        print(
+            f"The {mode} benchmark run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}",
+            file=sys.stderr,
         )
+        error = next((ln for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "unknown error")
+        return {"mode": mode, **{c: float("nan") for c in COLUMNS[1:]}, "error": error}
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
+
+
+def build_models(args: argparse.Namespace, root: Path) -> None:
+    """Fill in --model/--scorer with models built from configs (reused from --workdir when already there)."""
+    if args.model is None:
+        args.model = str(root / ("sd15" if args.sd15_shaped else "sd"))
+        if not (Path(args.model) / "model_index.json").exists():
+            from rpo_diffusers.testing.tiny_pipeline import build_sd15_shaped_pipeline, build_tiny_pipeline
+
+            (build_sd15_shaped_pipeline if args.sd15_shaped else build_tiny_pipeline)(args.model)
+    if args.scorer is None:
+        args.scorer = str(root / ("clip-b16" if args.clip_b16 else "scorer"))
+        if not (Path(args.scorer) / "config.json").exists():
+            if args.clip_b16:
+                sys.path.insert(0, str(Path(__file__).resolve().parent))
+                from benchmark_scorer import build_random_clip_b16
+
+                build_random_clip_b16(Path(args.scorer))
+            else:
+                from rpo_diffusers.testing.tiny_scorers import build_tiny_scorer
+
+                build_tiny_scorer(args.scorer, "clip")
+
+
+def environment_line() -> str:
+    """Accelerator and library versions, so a table can be compared with another machine's."""
+    import diffusers
+    import torch
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"gpu={gpu} torch={torch.__version__} cuda={torch.version.cuda} diffusers={diffusers.__version__} "
+            f"transformers={transformers.__version__}")  # fmt: skip
 
 
 def format_table(rows: list[dict]) -> str:
@@ -141,6 +195,19 @@ def main(argv: list[str] | None = None) -> None:
         "--sampling_steps", type=int, default=10, help="sampling steps of generation/validation"
     )
     parser.add_argument("--images_per_prompt", type=int, default=4)
+    parser.add_argument("--generation_batch_size", type=int, default=4, help="images per pipeline call")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument(
+        "--sd15_shaped",
+        action="store_true",
+        help="without --model: a random SD1.5-shaped pipeline (~860M UNet)",
+    )
+    parser.add_argument(
+        "--clip_b16", action="store_true", help="without --scorer: a random CLIP with ViT-B/16 shapes"
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="where built models go (reused if there); default: a temp dir"
+    )
     parser.add_argument("--mixed_precision", default="no")
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads; 0 = torch's default")
     parser.add_argument("--modes", nargs="+", choices=["full", "lora"], default=["full", "lora"])
@@ -151,25 +218,30 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode:  # child process
         print("RESULT " + json.dumps(run_one(args)))
         return
-    root = Path(tempfile.mkdtemp(prefix="rpo-bench-"))
-    if args.model is None:
-        from rpo_diffusers.testing.tiny_pipeline import build_tiny_pipeline
-
-        args.model = str(root / "sd")
-        build_tiny_pipeline(args.model)
-    if args.scorer is None:
-        from rpo_diffusers.testing.tiny_scorers import build_tiny_scorer
-
-        args.scorer = str(build_tiny_scorer(root / "scorer", "clip"))
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="rpo-bench-"))
+    t0 = time.perf_counter()
+    build_models(args, root)
+    build_s = time.perf_counter() - t0
+    runs = Path(tempfile.mkdtemp(prefix="runs-", dir=root))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    rows = [run_mode(args, mode, root / mode) for mode in args.modes]
-    first = rows[0]
+    rows = [run_mode(args, mode, runs / mode) for mode in args.modes]
+    first = next((r for r in rows if "error" not in r), rows[0])
     print(f"model={args.model} resolution={args.resolution} steps={args.steps} sampling_steps={args.sampling_steps} "
-          f"images_per_prompt={args.images_per_prompt} mixed_precision={args.mixed_precision}")  # fmt: skip
-    print(f"device={first['device']} threads={args.num_threads or 'default'} cpus={os.cpu_count()} "
-          f"load_avg_at_start={load:.2f} python={platform.python_version()} memory={first['memory']}")  # fmt: skip
-    print("trainable params: " + ", ".join(f"{r['mode']}={r['trainable_params']:,}" for r in rows))
+          f"images_per_prompt={args.images_per_prompt} generation_batch_size={args.generation_batch_size} "
+          f"mixed_precision={args.mixed_precision} gradient_checkpointing={args.gradient_checkpointing} "
+          f"model_build_s={build_s:.1f}")  # fmt: skip
+    print(environment_line())
+    print(f"device={first.get('device')} threads={args.num_threads or 'default'} cpus={os.cpu_count()} "
+          f"load_avg_at_start={load:.2f} python={platform.python_version()} memory={first.get('memory')}")  # fmt: skip
+    print("trainable params: " + ", ".join(f"{r['mode']}={r.get('trainable_params', 0):,}" for r in rows))
+    print(
+        "weights on device before train() (MiB): "
+        + ", ".join(f"{r['mode']}={r['before_train_mib']:.0f}" for r in rows)
+    )
     print(format_table(rows))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['mode']} FAILED: {r['error']}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
