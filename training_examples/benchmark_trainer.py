@@ -24,9 +24,11 @@ On a shared CPU, pin --num_threads (default 1) or the numbers measure thread con
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -91,7 +93,8 @@ def run_one(args: argparse.Namespace) -> dict:
         before_train = torch.cuda.memory_allocated() / 2**20
     else:
         before_train = _current_rss_mib()
-    result = trainer.train()
+    with _autocast_context(args, cuda):
+        result = trainer.train()
     gaps = np.diff(step_times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mib()
     generated = len(config.train_prompts) * config.images_per_prompt
@@ -113,12 +116,40 @@ def run_one(args: argparse.Namespace) -> dict:
     }
 
 
+def _autocast_context(args: argparse.Namespace, cuda: bool):
+    """--autocast: the whole of train() under torch.autocast, a stand-in for dtype fixes the trainer lacks
+    (fp32 modules fed fp16/bf16 tensors); numbers taken with it say so in their header."""
+    if not (args.autocast and cuda and args.mixed_precision in ("fp16", "bf16")):
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16)
+
+
+def _project_frames(stderr: str) -> str:
+    """The traceback lines inside this project (rpo_diffusers/, this script) and the error itself."""
+    lines = stderr.splitlines()
+    keep = [
+        f"{ln.strip()} | {lines[i + 1].strip() if i + 1 < len(lines) else ''}"
+        for i, ln in enumerate(lines)
+        if ln.strip().startswith('File "') and ("rpo_diffusers/" in ln or "benchmark_trainer" in ln)
+    ]
+    return "\n".join(keep + [_error_line(lines)])
+
+
+def _error_line(lines: list[str]) -> str:
+    """The exception line of a traceback (the last line may be a progress bar's)."""
+    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
+    return errors[-1] if errors else next((ln for ln in reversed(lines) if ln.strip()), "unknown error")
+
+
 def _child_command(args: argparse.Namespace, mode: str, output_dir: Path) -> list[str]:
     cmd = [sys.executable, __file__, "--mode", mode, "--output_dir", str(output_dir)]
     for k in ("model", "scorer", "resolution", "steps", "sampling_steps", "images_per_prompt", "mixed_precision",
               "num_threads", "generation_batch_size"):  # fmt: skip
         cmd += [f"--{k}", str(getattr(args, k))]
-    return cmd + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+    flags = ("gradient_checkpointing", "autocast")
+    return cmd + [f"--{f}" for f in flags if getattr(args, f)]
 
 
 def run_mode(args: argparse.Namespace, mode: str, output_dir: Path) -> dict:
@@ -131,11 +162,8 @@ def run_mode(args: argparse.Namespace, mode: str, output_dir: Path) -> dict:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.num_threads)
     proc = subprocess.run(_child_command(args, mode, output_dir), capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        print(
-            f"The {mode} benchmark run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}",
-            file=sys.stderr,
-        )
-        error = next((ln for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "unknown error")
+        print(f"The {mode} benchmark run failed (exit {proc.returncode}):\n{_project_frames(proc.stderr)}")
+        error = _error_line(proc.stderr.splitlines())
         return {"mode": mode, **{c: float("nan") for c in COLUMNS[1:]}, "error": error}
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
@@ -144,11 +172,17 @@ def run_mode(args: argparse.Namespace, mode: str, output_dir: Path) -> dict:
 def build_models(args: argparse.Namespace, root: Path) -> None:
     """Fill in --model/--scorer with models built from configs (reused from --workdir when already there)."""
     if args.model is None:
-        args.model = str(root / ("sd15" if args.sd15_shaped else "sd"))
+        args.model = str(root / (f"sd15-{args.sd15_dtype}" if args.sd15_shaped else "sd"))
         if not (Path(args.model) / "model_index.json").exists():
+            import torch
+
             from rpo_diffusers.testing.tiny_pipeline import build_sd15_shaped_pipeline, build_tiny_pipeline
 
-            (build_sd15_shaped_pipeline if args.sd15_shaped else build_tiny_pipeline)(args.model)
+            if args.sd15_shaped:  # fp32 on disk by default, like the real SD1.5 repository's main branch
+                dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.sd15_dtype]
+                build_sd15_shaped_pipeline(args.model, dtype=dtype)
+            else:
+                build_tiny_pipeline(args.model)
     if args.scorer is None:
         args.scorer = str(root / ("clip-b16" if args.clip_b16 else "scorer"))
         if not (Path(args.scorer) / "config.json").exists():
@@ -198,6 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generation_batch_size", type=int, default=4, help="images per pipeline call")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument(
+        "--autocast",
+        action="store_true",
+        help="run train() under torch.autocast (a workaround, see the docs)",
+    )
+    parser.add_argument(
+        "--sd15_dtype", choices=["fp32", "fp16"], default="fp32", help="dtype saved by --sd15_shaped"
+    )
+    parser.add_argument(
         "--sd15_shaped",
         action="store_true",
         help="without --model: a random SD1.5-shaped pipeline (~860M UNet)",
@@ -229,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model={args.model} resolution={args.resolution} steps={args.steps} sampling_steps={args.sampling_steps} "
           f"images_per_prompt={args.images_per_prompt} generation_batch_size={args.generation_batch_size} "
           f"mixed_precision={args.mixed_precision} gradient_checkpointing={args.gradient_checkpointing} "
+          f"autocast_workaround={args.autocast} "
           f"model_build_s={build_s:.1f}")  # fmt: skip
     print(environment_line())
     print(f"device={first.get('device')} threads={args.num_threads or 'default'} cpus={os.cpu_count()} "
@@ -236,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     print("trainable params: " + ", ".join(f"{r['mode']}={r.get('trainable_params', 0):,}" for r in rows))
     print(
         "weights on device before train() (MiB): "
-        + ", ".join(f"{r['mode']}={r['before_train_mib']:.0f}" for r in rows)
+        + ", ".join(f"{r['mode']}={r.get('before_train_mib', float('nan')):.0f}" for r in rows)
     )
     print(format_table(rows))
     for r in rows:
