@@ -34,7 +34,15 @@ class Denoiser(nn.Module):
     def forward(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor
     ) -> torch.Tensor:
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=conditioning, return_dict=False)[0]
+        dtype = (
+            self.unet.dtype
+        )  # a half-precision frozen base (LoRA) takes half inputs; autocast does the rest
+        return self.unet(
+            noisy_latents.to(dtype),
+            timesteps,
+            encoder_hidden_states=conditioning.to(dtype),
+            return_dict=False,
+        )[0]
 
 
 class DiffusionComponents(ABC):
@@ -154,8 +162,10 @@ class DiffusersComponents(DiffusionComponents):
         unet = pipeline.unet
         for module in (pipeline.vae, pipeline.text_encoder):
             module.requires_grad_(False).eval()
-            if weight_dtype != torch.float32:
-                module.to(dtype=weight_dtype)
+        if weight_dtype != torch.float32:  # LoRA: the whole frozen pipeline in half precision
+            pipeline.vae.to(dtype=weight_dtype)
+            pipeline.text_encoder.to(dtype=weight_dtype)
+            pipeline.unet.to(dtype=weight_dtype)
         unet.requires_grad_(True).train()
         self.denoiser = Denoiser(unet)
         self._frozen_copy: Denoiser | None = None
@@ -169,7 +179,7 @@ class DiffusersComponents(DiffusionComponents):
         path = check_model_path(name_or_path)  # before the heavy import: a typo fails in a second
         from diffusers import StableDiffusionPipeline
 
-        dtype = kwargs.pop("torch_dtype", None)
+        dtype = kwargs.pop("torch_dtype", None) or torch.float32  # a half-precision checkpoint loads as fp32
         pipeline = StableDiffusionPipeline.from_pretrained(
             path, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
         )

@@ -243,13 +243,16 @@ class RPOTrainer:
                 bar = tqdm(total=len(jobs), desc="generating training images", disable=not self.is_main)
                 for start in range(0, len(jobs), cfg.generation_batch_size):
                     chunk = jobs[start : start + cfg.generation_batch_size]
-                    images += self.components.generate(
-                        [j[1] for j in chunk],
-                        [j[2] for j in chunk],
-                        cfg.num_inference_steps,
-                        cfg.guidance_scale,
-                        cfg.resolution,
-                    )
+                    with (
+                        self.accelerator.autocast()
+                    ):  # fp16/bf16 runs: frozen parts are half, the UNet may not be
+                        images += self.components.generate(
+                            [j[1] for j in chunk],
+                            [j[2] for j in chunk],
+                            cfg.num_inference_steps,
+                            cfg.guidance_scale,
+                            cfg.resolution,
+                        )
                     bar.update(len(chunk))
                     self._emit("generation", {"done": len(images), "total": len(jobs)})
                 bar.close()
@@ -368,11 +371,12 @@ class RPOTrainer:
         t = torch.randint(0, sched.config.num_train_timesteps, (2 * b,), generator=generator).to(dev)
         noisy = sched.add_noise(latents, noise, t)
         target = diffusion_target(sched, latents, noise, t)
-        weight_dtype = self._weight_dtype()
-        pred = model(noisy.to(weight_dtype), t, cond.to(weight_dtype))
-        err = denoising_error(pred, target)
-        with torch.no_grad(), self.components.reference_denoiser() as reference:
-            ref_err = denoising_error(reference(noisy.to(weight_dtype), t, cond.to(weight_dtype)), target)
+        with self.accelerator.autocast():  # the frozen reference copy of a full fine-tune is not prepared
+            pred = model(noisy, t, cond)
+            with torch.no_grad(), self.components.reference_denoiser() as reference:
+                ref_pred = reference(noisy, t, cond)
+        err = denoising_error(pred.float(), target)
+        ref_err = denoising_error(ref_pred.float(), target)
         return rpo_loss(
             err[:b],
             ref_err[:b],
@@ -404,13 +408,14 @@ class RPOTrainer:
             seeds = [cfg.seed + 7919 * (1 + i) for i in range(len(prompts))]
             images: list[Image.Image] = []
             for start in range(0, len(prompts), cfg.generation_batch_size):
-                images += self.components.generate(
-                    prompts[start : start + cfg.generation_batch_size],
-                    seeds[start : start + cfg.generation_batch_size],
-                    cfg.num_inference_steps,
-                    cfg.guidance_scale,
-                    cfg.resolution,
-                )
+                with self.accelerator.autocast():
+                    images += self.components.generate(
+                        prompts[start : start + cfg.generation_batch_size],
+                        seeds[start : start + cfg.generation_batch_size],
+                        cfg.num_inference_steps,
+                        cfg.guidance_scale,
+                        cfg.resolution,
+                    )
             scores = self.scorer.score(images, prompts, lambda_=cfg.lambda_val)
             per_prompt = {
                 p: float(

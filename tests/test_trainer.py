@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +260,26 @@ def test_exported_lora_reproduces_the_model(tiny_sd_dir, tmp_path, references):
     assert any(
         np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() > 1 for a, b in zip(mine, base)
     )
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_mixed_precision_trains_and_exports_fp32_weights(
+    tiny_sd_dir, tmp_path, clip_scorer, references, precision, use_lora
+):
+    # the half-precision frozen parts, the fp32 trained UNet / LoRA and the frozen reference copy must all
+    # meet in generation, the loss and validation (a dtype mismatch crashed every fp16/bf16 run on a GPU)
+    trainer = make_trainer(
+        tiny_sd_dir, tmp_path, clip_scorer, references, mixed_precision=precision, use_lora=use_lora,
+        max_train_steps=2, validation_steps=2, learning_rate=1e-3,
+    )  # fmt: skip
+    result = trainer.train()
+    assert [h["step"] for h in result.history] == [0, 2]
+    assert all(math.isfinite(h["reward"]) for h in result.history)
+    trained = [p for p in trainer.components.trainable_parameters()]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    name = "pytorch_lora_weights.safetensors" if use_lora else "rpo_unet.safetensors"
+    assert all(v.dtype == torch.float32 for v in load_file(str(tmp_path / "out" / name)).values())
 
 
 def test_v_prediction_model_trains(tmp_path, clip_scorer, references):
