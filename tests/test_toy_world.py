@@ -180,6 +180,11 @@ def test_identity_and_context_hits_follow_the_classifier(tmp_path):
     assert identity_accuracy(images, get_subject("yellowpurple_box"), classifier=clf) == 0.0
     # the shape is the class noun, not the identity: the same appearance on a box is still the subject
     assert identity_accuracy(images, replace(subject, shape="box"), classifier=clf) == 1.0
+    # a red/purple split is this subject by its look; the strict check also wants the second colour
+    other_second = replace(subject, color2="purple")
+    assert identity_accuracy(images, other_second, classifier=clf) == 1.0
+    assert identity_accuracy(images, other_second, classifier=clf, check_second_colour=True) == 0.0
+    assert identity_accuracy(images, subject, classifier=clf, check_second_colour=True) == 1.0
     # a colour-change prompt expects the new colour, so the red object is not "a green sks ball"
     assert identity_hits(images, subject, ["a sks ball on the moon", "a green sks ball"], clf) == [
         True,

@@ -244,12 +244,17 @@ def identity_hits(
     subject: Subject,
     prompts: Sequence[str] | None = None,
     classifier: AttributeClassifier | None = None,
+    check_second_colour: bool = False,
 ) -> list[bool]:
-    """Per image: does it show the subject's own appearance (the held-out split pattern in its two colours)?
+    """Per image: does it show the subject's own look, the held-out split pattern in the subject's colour?
 
-    The shape is the class noun, which the prompt already names ("a sks ball"), so it is not part of the
-    identity (``object_hits`` checks shapes). With ``prompts``, a colour-change prompt ("a green sks ball")
-    expects the new first colour.
+    The base distribution never shows the split pattern, so "split, in this colour" is this subject among all
+    the others (each has its own first colour). The second colour is only checked with
+    ``check_second_colour``: at 32 px the generator and the VAE blend the two halves (a generated blue half
+    comes out lavender; the judge reads the second colour of plain VAE round trips right ~60% of the time, see
+    build_report.json), so the strict check measures blur more than identity. The shape is the class noun,
+    which the prompt names ("a sks ball"), so it is left to ``object_hits``. With ``prompts``, a
+    colour-change prompt ("a green sks ball") expects the new colour.
     """
     images = list(images)
     if prompts is not None:
@@ -259,7 +264,9 @@ def identity_hits(
         color = subject.color
         if prompts is not None:
             color = parse_prompt(prompts[i]).get("color", subject.color)
-        expected = {"pattern": SPLIT, "color": color, "color2": subject.color2}
+        expected = {"pattern": SPLIT, "color": color}
+        if check_second_colour:
+            expected["color2"] = subject.color2
         hits.append(_matches(pred, expected, list(expected)))
     return hits
 
@@ -305,9 +312,10 @@ def identity_accuracy(
     subject: Subject,
     prompts: Sequence[str] | None = None,
     classifier: AttributeClassifier | None = None,
+    check_second_colour: bool = False,
 ) -> float:
-    """Fraction of images that show the subject's appearance (ground truth from the attribute classifier)."""
-    return _mean(identity_hits(images, subject, prompts, classifier))
+    """Fraction of images that show the subject's look (ground truth from the attribute classifier)."""
+    return _mean(identity_hits(images, subject, prompts, classifier, check_second_colour))
 
 
 def context_accuracy(
