@@ -274,7 +274,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_eval_images", type=int, default=4, help="images per held-out prompt")
     p.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared CPU)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads per job (1 is fastest on a shared CPU)"
+    )
+    p.add_argument(
+        "--jobs", type=int, default=1, help="subjects run in parallel processes (e.g. 2 on 2 cores)"
+    )
     p.add_argument("--keep_models", action="store_true", help="keep every run's exported weights")
     args = p.parse_args(argv)
     args.toy = args.dreambench_dir is None
@@ -296,21 +301,61 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.resolution = args.resolution or 512
         args.num_inference_steps = args.num_inference_steps or 50
         args.guidance_scale = args.guidance_scale or 7.5
-    if args.quick:
-        args.subjects = args.subjects or (None if not args.toy else ["redblue_ball"])
+    if args.quick:  # enough steps for the toy subject to appear, few images
+        args.subjects = args.subjects or (["redblue_ball"] if args.toy else None)
         args.methods = args.methods or ["base", "dreambooth", "rpo_lambda0.5"]
         args.max_train_steps, args.validation_steps = (
-            min(args.max_train_steps, 40),
-            min(args.validation_steps, 20),
+            min(args.max_train_steps, 120),
+            min(args.validation_steps, 40),
         )
-        args.images_per_prompt, args.num_validation_images = 1, 1
-        args.num_eval_images, args.num_class_images = 2, 4
+        args.images_per_prompt, args.num_validation_images = 2, 1
+        args.num_eval_images, args.num_class_images = 2, 8
     return args
+
+
+_JUDGES: Judges | None = None
+
+
+def run_subject(
+    args: argparse.Namespace, subject: BenchSubject, methods: Sequence[Method]
+) -> list[dict[str, Any]]:
+    """Every method on one subject: one result row each (with its validation history), and the subject's grid."""
+    global _JUDGES
+    torch.set_num_threads(args.threads)
+    if _JUDGES is None:
+        _JUDGES = load_judges(args)
+    out = Path(args.output_dir)
+    rows, grid_rows = [], []
+    for method in methods:
+        run_dir = out / "runs" / subject.name / method.name
+        pipe, info = train_and_load(args, subject, method, run_dir)
+        pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+        images = generate_images(
+            pipe, subject.eval_prompts, args.num_eval_images, seed=args.seed, resolution=args.resolution,
+            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        )  # fmt: skip
+        del pipe
+        row = {"subject": subject.name, "method": method.name, "best_step": info["best_step"]}
+        row.update(_JUDGES.score(subject.references, images, subject.name, subject.toy))
+        row["wall_s"] = info["wall_s"]
+        row["history"] = info["history"]
+        rows.append(row)
+        grid_rows.append((method.label, [ims[0] for ims in images.values()]))
+        shown = ", ".join(f"{k} {row[k]:.3f}" for k in METRICS if k in row and k != "wall_s")
+        print(f"{subject.name:>18} {method.name:>16}: {shown}, chosen step {info['best_step']}, "
+              f"{info['wall_s']:.0f}s", flush=True)  # fmt: skip
+        if not args.keep_models and run_dir.exists():
+            for f in run_dir.rglob("*.safetensors"):
+                f.unlink()
+    grid_dir = out / "grids"
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    references = subject.references[: len(subject.eval_prompts)]
+    labelled_grid([("references", references), *grid_rows]).save(grid_dir / f"{subject.name}.png")
+    return rows
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     subjects = (
@@ -319,52 +364,38 @@ def main(argv=None) -> int:
         else dreambench_subjects(Path(args.dreambench_dir), args.subjects, args.identifier)
     )
     methods = [m for m in METHODS if args.methods is None or m.name in args.methods]
-    judges = load_judges(args)
-    print(f"{len(subjects)} subjects x {len(methods)} methods; results in {out}", flush=True)
+    print(
+        f"{len(subjects)} subjects x {len(methods)} methods, {args.jobs} job(s); results in {out}", flush=True
+    )
     rows: list[dict[str, Any]] = []
-    histories: dict[str, dict[str, Any]] = {}
     csv_path = out / "results.csv"
     t_start = time.perf_counter()
-    for subject in subjects:
-        grid_rows = []
-        for method in methods:
-            run_dir = out / "runs" / subject.name / method.name
-            pipe, info = train_and_load(args, subject, method, run_dir)
-            pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-            images = generate_images(
-                pipe, subject.eval_prompts, args.num_eval_images, seed=args.seed, resolution=args.resolution,
-                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-            )  # fmt: skip
-            del pipe
-            row = {"subject": subject.name, "method": method.name, "best_step": info["best_step"]}
-            row.update(judges.score(subject.references, images, subject.name, subject.toy))
-            row["wall_s"] = info["wall_s"]
-            rows.append(row)
-            histories[f"{subject.name}/{method.name}"] = {
-                "best_step": info["best_step"],
-                "history": info["history"],
-            }
-            grid_rows.append((method.label, [ims[0] for ims in images.values()]))
-            shown = ", ".join(f"{k} {row[k]:.3f}" for k in METRICS if k in row and k != "wall_s")
-            print(f"[{time.perf_counter() - t_start:6.0f}s] {subject.name:>18} {method.name:>16}: {shown}, "
-                  f"chosen step {info['best_step']}, {info['wall_s']:.0f}s", flush=True)  # fmt: skip
+    if args.jobs > 1:  # one process per subject at a time (spawn: no forked torch state)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(run_subject, args, s, methods) for s in subjects]
+            for future in as_completed(futures):
+                rows += future.result()
+                write_csv(csv_path, rows)
+    else:
+        for subject in subjects:
+            rows += run_subject(args, subject, methods)
             write_csv(csv_path, rows)
-            if not args.keep_models and run_dir.exists():
-                for f in run_dir.rglob("*.safetensors"):
-                    f.unlink()
-        grid_dir = out / "grids"
-        grid_dir.mkdir(exist_ok=True)
-        labelled_grid([("references", subject.references[: len(subject.eval_prompts)]), *grid_rows]).save(
-            grid_dir / f"{subject.name}.png"
-        )
+    order = {s.name: i for i, s in enumerate(subjects)}
+    rows.sort(key=lambda r: (order[r["subject"]], [m.name for m in methods].index(r["method"])))
+    write_csv(csv_path, rows)
     summary = summarize(rows, methods)
     table = format_table(summary)
     print("\n" + table)
     (out / "table.md").write_text(table + "\n")
+    runs = {
+        f"{r['subject']}/{r['method']}": {"best_step": r["best_step"], "history": r["history"]} for r in rows
+    }
     (out / "summary.json").write_text(
-        json.dumps(
-            {"args": {k: v for k, v in vars(args).items()}, "summary": summary, "runs": histories}, indent=2
-        )
+        json.dumps({"args": vars(args), "summary": summary, "runs": runs}, indent=2)
     )
     x_key, y_key = ("identity_acc", "context_acc") if args.toy else ("dino", "clip_t")
     tradeoff_plot(summary, x_key, y_key).save(out / "tradeoff.png")

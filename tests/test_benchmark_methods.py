@@ -1,0 +1,82 @@
+"""training_examples/benchmark_methods.py end to end: the bundled toy world (--quick) and the DreamBench
+code path with tiny models built here (the one a GPU user runs with real checkpoints)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from rpo_diffusers.toy import assets_available
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_methods", REPO / "training_examples/benchmark_methods.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark_methods"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_rows(path: Path) -> dict[str, dict[str, str]]:
+    with path.open() as fh:
+        return {row["method"]: row for row in csv.DictReader(fh)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not assets_available(), reason="the toy world's models are not built")
+def test_quick_benchmark_rpo_raises_identity_over_the_base_model(tmp_path, capsys):
+    # generate, label, train, validate, select, export, evaluate: one toy subject, seeded
+    bench = load_benchmark()
+    assert bench.main(["--quick", "--output_dir", str(tmp_path)]) == 0
+    rows = read_rows(tmp_path / "results.csv")
+    assert set(rows) == {"base", "dreambooth", "rpo_lambda0.5"}
+    base, dreambooth, rpo = rows["base"], rows["dreambooth"], rows["rpo_lambda0.5"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    steps = summary["args"]["max_train_steps"]
+    assert int(dreambooth["best_step"]) == steps  # no early stopping: the last step is the export
+    history = summary["runs"]["redblue_ball/rpo_lambda0.5"]["history"]
+    rewards = {h["step"]: h["reward"] for h in history}
+    assert rewards[int(rpo["best_step"])] == max(rewards.values())  # early stopping picks the best reward
+    # the ground truth: the base model never draws the subject; RPO's chosen model does, with a margin
+    assert float(base["identity_acc"]) <= 0.1
+    assert float(rpo["identity_acc"]) >= float(base["identity_acc"]) + 0.15
+    for row in rows.values():
+        for key in ("dino", "clip_i", "clip_t", "lambda_harmonic", "identity_acc", "context_acc"):
+            assert math.isfinite(float(row[key])), (row["method"], key)
+    table = (tmp_path / "table.md").read_text()
+    assert "RPO λ_val 0.5" in table and "identity_acc" in table and table in capsys.readouterr().out
+    assert (tmp_path / "tradeoff.png").exists() and (tmp_path / "grids/redblue_ball.png").exists()
+    assert not list((tmp_path / "runs").rglob("*.safetensors"))  # weights are dropped unless --keep_models
+
+
+@pytest.mark.slow
+def test_benchmark_runs_on_dreambench_with_given_checkpoints(
+    tmp_path, dreambench_dir, tiny_sd_dir, tiny_scorer_dirs, tiny_vit_dir
+):
+    bench = load_benchmark()
+    argv = [
+        "--output_dir", str(tmp_path), "--dreambench_dir", str(dreambench_dir), "--subjects", "dog",
+        "--methods", "base", "rpo_lambda0.5", "--model", str(tiny_sd_dir), "--scorer", str(tiny_scorer_dirs["clip"]),
+        "--dino", str(tiny_vit_dir), "--clip", str(tiny_scorer_dirs["clip"]), "--resolution", "32",
+        "--num_inference_steps", "2", "--max_train_steps", "2", "--validation_steps", "1", "--images_per_prompt", "1",
+        "--num_validation_images", "1", "--num_eval_images", "1", "--use_lora", "--keep_models",
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    rows = read_rows(tmp_path / "results.csv")
+    assert set(rows) == {"base", "rpo_lambda0.5"}
+    assert rows["base"]["identity_acc"] == ""  # no ground truth outside the toy world
+    assert (tmp_path / "runs/dog/rpo_lambda0.5/pytorch_lora_weights.safetensors").exists()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--dreambench_dir", str(dreambench_dir)])  # real checkpoints must be named
+    with pytest.raises(ValueError, match="Not DreamBench subjects"):
+        bench.main([*argv[:4], "--subjects", "no_such_subject", *argv[6:]])
