@@ -84,3 +84,20 @@ def rpo_loss(
         "implicit_acc": implicit_accuracy(margin.detach(), labels),
     }
     return total, parts
+
+
+def add_prior_preservation_loss(
+    loss: torch.Tensor,
+    parts: dict[str, torch.Tensor],
+    model_error_on_class: torch.Tensor,
+    prior_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DreamBooth's prior preservation: L + w_prior * L_prior, with L_prior = mean e_θ(x_class, class prompt).
+
+    ``loss`` and ``parts`` are what :func:`rpo_loss` returns; the class images are the base model's own
+    samples, so fitting them keeps the class prior while L_sim fits the subject. ``w_prior = 0`` logs
+    L_prior without letting it reach the gradients.
+    """
+    prior = model_error_on_class.mean()
+    total = loss + prior_weight * prior if prior_weight else loss
+    return total, {**parts, "loss": total.detach(), "loss_prior": prior.detach()}

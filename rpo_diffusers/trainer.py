@@ -30,10 +30,17 @@ import torch
 from PIL import Image
 
 from .components import DiffusersComponents, DiffusionComponents
-from .config import RPOConfig
-from .data import images_to_tensor, load_image, load_image_folder, make_image_grid, to_pil_images
+from .config import CLASS_IMAGES_DIR, RPOConfig, check_class_data_dir
+from .data import (
+    images_to_tensor,
+    list_image_files,
+    load_image,
+    load_image_folder,
+    make_image_grid,
+    to_pil_images,
+)
 from .export import atomic_output_dir, atomic_save_file, load_safetensors_only, write_model_card
-from .losses import denoising_error, diffusion_target, rpo_loss
+from .losses import add_prior_preservation_loss, denoising_error, diffusion_target, rpo_loss
 from .plots import reward_plot
 from .preferences import PreferencePair, epoch_pairs
 
@@ -45,6 +52,7 @@ PLOT_FILE = "reward_plot.png"
 STATE_FILE = "rpo_trainer_state.json"
 TRAINABLE_FILE = "trainable_weights.safetensors"
 BEST_FILE = "best_weights.safetensors"
+CLASS_MANIFEST = "class_images.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,6 +84,8 @@ class TrainingSet:
     generated_prompt_indices: list[int]
     reference_rewards: torch.Tensor  # [R, P]
     generated_rewards: torch.Tensor  # [N]
+    class_latents: torch.Tensor | None = None  # [K, C, h, w]: prior preservation only
+    class_embedding: torch.Tensor | None = None  # [1, L, D]: the class prompt
 
 
 class RPOTrainer:
@@ -125,11 +135,13 @@ class RPOTrainer:
         self.global_step = 0
         self.timings: dict[str, float] = {
             "generation": 0.0,
+            "class_images": 0.0,
             "training": 0.0,
             "validation": 0.0,
             "export": 0.0,
         }
         self._pairs_cache: dict[int, list[PreferencePair]] = {}
+        self._class_order_cache: dict[int, torch.Tensor] = {}
 
     # ---------------------------------------------------------------------------------------------
     # set-up
@@ -238,24 +250,10 @@ class RPOTrainer:
                     for k in range(cfg.images_per_prompt)
                 ]
                 images: list[Image.Image] = []
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=len(jobs), desc="generating training images", disable=not self.is_main)
-                for start in range(0, len(jobs), cfg.generation_batch_size):
-                    chunk = jobs[start : start + cfg.generation_batch_size]
-                    with (
-                        self.accelerator.autocast()
-                    ):  # fp16/bf16 runs: frozen parts are half, the UNet may not be
-                        images += self.components.generate(
-                            [j[1] for j in chunk],
-                            [j[2] for j in chunk],
-                            cfg.num_inference_steps,
-                            cfg.guidance_scale,
-                            cfg.resolution,
-                        )
-                    bar.update(len(chunk))
-                    self._emit("generation", {"done": len(images), "total": len(jobs)})
-                bar.close()
+                for batch in self._generate_in_batches(
+                    [j[1] for j in jobs], [j[2] for j in jobs], "generating training images", "generation"
+                ):
+                    images += batch
                 with atomic_output_dir(folder) as tmp:
                     entries = []
                     for i, ((p_idx, prompt, seed), im) in enumerate(zip(jobs, images)):
@@ -270,10 +268,129 @@ class RPOTrainer:
         images = [load_image(folder / e["file"]) for e in manifest["images"]]
         return images, [int(e["prompt_index"]) for e in manifest["images"]]
 
+    def _generate_in_batches(self, prompts: list[str], seeds: list[int], desc: str, event: str):
+        """Sample ``generation_batch_size`` images at a time with the current weights, with a progress bar.
+
+        Yields each batch as soon as it is drawn, so a caller can save it before the next one starts.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        bar = tqdm(total=len(prompts), desc=desc, disable=not self.is_main)
+        done = 0
+        for start in range(0, len(prompts), cfg.generation_batch_size):
+            end = start + cfg.generation_batch_size
+            with self.accelerator.autocast():  # fp16/bf16 runs: frozen parts are half, the UNet may not be
+                batch = self.components.generate(
+                    prompts[start:end],
+                    seeds[start:end],
+                    cfg.num_inference_steps,
+                    cfg.guidance_scale,
+                    cfg.resolution,
+                )
+            done += len(batch)
+            bar.update(len(batch))
+            self._emit(event, {"done": done, "total": len(prompts)})
+            yield batch
+        bar.close()
+
+    # ---------------------------------------------------------------------------------------------
+    # phase 1b: DreamBooth prior preservation's class images (on disk, reused like diffusers does)
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def class_data_dir(self) -> Path:
+        return Path(self.config.class_data_dir or self.output_dir / CLASS_IMAGES_DIR)
+
+    def generate_class_images(self) -> list[Image.Image]:
+        """The first ``num_class_images`` images of ``class_data_dir``; the base model draws any that are missing.
+
+        As in diffusers' ``train_dreambooth.py`` the folder is reused as it is: images already there (generated
+        earlier or the user's own) count, only the shortfall is sampled, with ``class_prompt`` and fixed seeds.
+        """
+        cfg = self.config
+        folder = check_class_data_dir(self.class_data_dir)
+        if self.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            existing = list_image_files(folder)
+            missing = cfg.num_class_images - len(existing)
+            self._check_class_manifest(folder)
+            if missing > 0:
+                self._draw_class_images(folder, len(existing), missing)
+        self.accelerator.wait_for_everyone()
+        files = list_image_files(folder)[: cfg.num_class_images]
+        if len(files) < cfg.num_class_images:
+            raise RuntimeError(
+                f"class_data_dir {str(folder)!r} holds {len(files)} images after generation, "
+                f"{cfg.num_class_images} needed: check that the folder is writable."
+            )
+        return [self._load_class_image(f) for f in files]
+
+    def _draw_class_images(self, folder: Path, first_index: int, count: int) -> None:
+        """Sample ``count`` class images with the base model and save each batch as PNG files at once."""
+        cfg = self.config
+        indices = list(range(first_index, first_index + count))
+        seeds = [cfg.seed * 1_000_003 + 50_000_000 + i for i in indices]
+        manifest_path = folder / CLASS_MANIFEST
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"images": []}
+        manifest["class_prompt"] = cfg.class_prompt
+        logger.info("generating %d class images for prior preservation in %s", count, folder)
+        t0 = time.perf_counter()
+        done = 0
+        for batch in self._generate_in_batches(
+            [cfg.class_prompt] * count, seeds, "generating class images", "class_generation"
+        ):
+            for image in batch:
+                index, seed = indices[done], seeds[done]
+                name = self._free_class_image_name(folder, index, seed)
+                tmp = folder / f".{name}.tmp"
+                image.save(tmp, format="PNG")
+                os.replace(tmp, folder / name)  # a crash never leaves a half-written image behind
+                manifest["images"].append({"file": name, "prompt": cfg.class_prompt, "seed": seed})
+                done += 1
+            manifest_path.write_text(json.dumps(manifest, indent=2))
+        self.timings["class_images"] += time.perf_counter() - t0
+
+    @staticmethod
+    def _free_class_image_name(folder: Path, index: int, seed: int) -> str:
+        name = f"class_{index:05d}_s{seed}.png"
+        while (folder / name).exists():  # a user's own file may already use the name
+            index += 1
+            name = f"class_{index:05d}_s{seed}.png"
+        return name
+
+    def _check_class_manifest(self, folder: Path) -> None:
+        """Warn when the folder's earlier images were drawn with another class prompt (they are still used)."""
+        path = folder / CLASS_MANIFEST
+        if not path.exists():
+            return
+        earlier = json.loads(path.read_text()).get("class_prompt")
+        if earlier and earlier != self.config.class_prompt:
+            logger.warning(
+                "class_data_dir %s holds images drawn for %r, not the class_prompt %r; they are reused as "
+                "diffusers does. Point class_data_dir at a new folder to draw fresh ones.",
+                folder,
+                earlier,
+                self.config.class_prompt,
+            )
+
+    def _load_class_image(self, path: Path) -> Image.Image:
+        try:
+            return load_image(path)
+        except ValueError as err:
+            raise ValueError(
+                f"{err} It is in class_data_dir: delete it and the next run draws a new class image in its place."
+            ) from err
+
     # ---------------------------------------------------------------------------------------------
     # phase 2: rewards, latents and embeddings, computed once
     # ---------------------------------------------------------------------------------------------
-    def prepare_training_set(self, generated: list[Image.Image], prompt_indices: list[int]) -> TrainingSet:
+    def prepare_training_set(
+        self,
+        generated: list[Image.Image],
+        prompt_indices: list[int],
+        class_images: list[Image.Image] | None = None,
+    ) -> TrainingSet:
+        """Rewards, latents and prompt embeddings of the training set (and of the class images, if given)."""
         cfg = self.config
         prompts = cfg.train_prompts
         self.scorer.set_reference_images(self.reference_images)
@@ -304,6 +421,22 @@ class RPOTrainer:
             generated_prompt_indices=list(prompt_indices),
             reference_rewards=ref_rewards.float().cpu(),
             generated_rewards=gen_rewards.float().cpu(),
+            class_latents=None if not class_images else self._encode_in_batches(class_images),
+            class_embedding=None if not class_images else self.components.encode_prompts([cfg.class_prompt]),
+        )
+
+    def _encode_in_batches(self, images: list[Image.Image]) -> torch.Tensor:
+        """VAE latents of many images, ``generation_batch_size`` at a time (100 class images at 512 px at once
+        would need far more memory than the training step)."""
+        cfg, dev = self.config, self.accelerator.device
+        step = cfg.generation_batch_size
+        return torch.cat(
+            [
+                self.components.encode_images(
+                    images_to_tensor(images[i : i + step], cfg.resolution).to(dev)
+                ).float()
+                for i in range(0, len(images), step)
+            ]
         )
 
     def _record_training_rewards(self, gen_rewards: torch.Tensor, ref_rewards: torch.Tensor) -> None:
@@ -342,11 +475,43 @@ class RPOTrainer:
             out.append(self.pairs_for_epoch(data, k // n)[k % n])
         return out
 
+    def class_batch_indices(self, data: TrainingSet, step: int, micro: int) -> torch.Tensor:
+        """Class images of one micro-batch on this process: each epoch visits all of them in a seeded order."""
+        cfg, acc = self.config, self.accelerator
+        if data.class_latents is None:
+            raise ValueError("No class images: train with with_prior_preservation=True.")
+        n = data.class_latents.shape[0]
+        first = (
+            (step * cfg.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index
+        ) * cfg.train_batch_size
+        out = []
+        for k in range(first, first + cfg.train_batch_size):
+            epoch = k // n
+            if epoch not in self._class_order_cache:
+                seed = (cfg.seed * 1_000_003 + 7 * epoch + 1) % (2**63)
+                self._class_order_cache = {
+                    epoch: torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+                }
+            out.append(int(self._class_order_cache[epoch][k % n]))
+        return torch.tensor(out)
+
     # ---------------------------------------------------------------------------------------------
     # phase 3: the loss of one micro-batch
     # ---------------------------------------------------------------------------------------------
-    def compute_loss(self, model, data: TrainingSet, pairs: list[PreferencePair], generator: torch.Generator):
-        """L_sim + w_pref L_pref on a batch of (reference, generated) pairs."""
+    def compute_loss(
+        self,
+        model,
+        data: TrainingSet,
+        pairs: list[PreferencePair],
+        generator: torch.Generator,
+        class_indices: torch.Tensor | None = None,
+    ):
+        """L_sim + w_pref L_pref on a batch of (reference, generated) pairs, + w_prior L_prior with class images.
+
+        With prior preservation the class images join the same forward pass of the trained model (one forward
+        per step keeps DDP simple); the frozen reference model only sees the pairs. The class half draws its
+        timesteps and noise after the pairs', so the pairs see the same draws with or without it.
+        """
         cfg, dev = self.config, self.accelerator.device
         sched = self.components.noise_scheduler
         b = len(pairs)
@@ -371,13 +536,30 @@ class RPOTrainer:
         t = torch.randint(0, sched.config.num_train_timesteps, (2 * b,), generator=generator).to(dev)
         noisy = sched.add_noise(latents, noise, t)
         target = diffusion_target(sched, latents, noise, t)
+        prior = None
+        if data.class_latents is not None:
+            if class_indices is None:
+                class_indices = torch.arange(b) % data.class_latents.shape[0]
+            prior = self._class_batch(data, class_indices, generator)  # drawn after the pairs' noise
+        # w_prior > 0: the class rows join the trained model's one forward; w_prior = 0: L_prior is only
+        # logged, from a gradient-free forward, so training is exactly that of prior preservation off.
+        joint = prior is not None and cfg.prior_loss_weight > 0
+        rows = 2 * b
         with self.accelerator.autocast():  # the frozen reference copy of a full fine-tune is not prepared
-            pred = model(noisy, t, cond)
+            if joint:
+                pred = model(
+                    torch.cat([noisy, prior[0]]), torch.cat([t, prior[1]]), torch.cat([cond, prior[2]])
+                )
+            else:
+                pred = model(noisy, t, cond)
             with torch.no_grad(), self.components.reference_denoiser() as reference:
                 ref_pred = reference(noisy, t, cond)
-        err = denoising_error(pred.float(), target)
+            if prior is not None and not joint:
+                with torch.no_grad():
+                    class_pred = self.components.denoiser(*prior[:3])
+        err = denoising_error(pred[:rows].float(), target)
         ref_err = denoising_error(ref_pred.float(), target)
-        return rpo_loss(
+        loss, parts = rpo_loss(
             err[:b],
             ref_err[:b],
             err[b:],
@@ -386,6 +568,19 @@ class RPOTrainer:
             beta=cfg.beta,
             preference_weight=cfg.pref_loss_weight,
         )
+        if prior is not None:
+            class_err = denoising_error((pred[rows:] if joint else class_pred).float(), prior[3])
+            loss, parts = add_prior_preservation_loss(loss, parts, class_err, cfg.prior_loss_weight)
+        return loss, parts
+
+    def _class_batch(self, data: TrainingSet, class_indices: torch.Tensor, generator: torch.Generator):
+        """Noisy class latents, their timesteps, the class prompt's conditioning and the target."""
+        dev, sched = self.accelerator.device, self.components.noise_scheduler
+        latents = data.class_latents[class_indices.to(data.class_latents.device)].to(dev)
+        noise = torch.randn(latents.shape, generator=generator).to(dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=generator).to(dev)
+        cond = data.class_embedding.expand(len(latents), -1, -1).to(dev)
+        return sched.add_noise(latents, noise, t), t, cond, diffusion_target(sched, latents, noise, t)
 
     def _step_generator(self, step: int, micro: int) -> torch.Generator:
         acc = self.accelerator
@@ -579,7 +774,8 @@ class RPOTrainer:
         t0 = time.perf_counter()
         generated, prompt_indices = self.generate_training_images()
         self.timings["generation"] = time.perf_counter() - t0
-        data = self.prepare_training_set(generated, prompt_indices)
+        class_images = self.generate_class_images() if cfg.with_prior_preservation else None
+        data = self.prepare_training_set(generated, prompt_indices, class_images)
 
         if cfg.use_lora:
             comp.add_lora(cfg.rank, cfg.lora_alpha, cfg.lora_target_modules)
@@ -631,8 +827,17 @@ class RPOTrainer:
                 for micro in range(cfg.gradient_accumulation_steps):
                     with acc.accumulate(model):
                         pairs = self.batch_pairs(data, self.global_step, micro)
+                        class_indices = (
+                            self.class_batch_indices(data, self.global_step, micro)
+                            if data.class_latents is not None
+                            else None
+                        )
                         loss, parts = self.compute_loss(
-                            model, data, pairs, self._step_generator(self.global_step, micro)
+                            model,
+                            data,
+                            pairs,
+                            self._step_generator(self.global_step, micro),
+                            class_indices,
                         )
                         bad = acc.gather(
                             torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device)
@@ -665,6 +870,8 @@ class RPOTrainer:
                     "pref": logs["loss_pref"],
                     "acc": logs["implicit_acc"],
                 }
+                if "loss_prior" in logs:
+                    postfix["prior"] = logs["loss_prior"]
                 if self.history:
                     postfix["val"] = self.history[-1]["reward"]
                 bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()})
@@ -694,6 +901,18 @@ class RPOTrainer:
     # ---------------------------------------------------------------------------------------------
     # phase 5: export the best
     # ---------------------------------------------------------------------------------------------
+    def _prior_preservation_summary(self) -> dict[str, Any] | None:
+        """What the history file records about DreamBooth prior preservation (None: it was off)."""
+        cfg = self.config
+        if not cfg.with_prior_preservation:
+            return None
+        return {
+            "class_prompt": cfg.class_prompt,
+            "class_data_dir": str(self.class_data_dir),
+            "num_class_images": cfg.num_class_images,
+            "prior_loss_weight": cfg.prior_loss_weight,
+        }
+
     def _finish(self, stopped_early: bool) -> dict[str, str]:
         """Load the best weights and export them with the history, the plot and a model card."""
         if self.best_state is None or not self.is_main:
@@ -712,6 +931,7 @@ class RPOTrainer:
             "stopped_early": stopped_early,
             "lambda_val": cfg.lambda_val,
             "early_stopping": cfg.early_stopping,
+            "prior_preservation": self._prior_preservation_summary(),
             "history": self.history,
             "timings": self.timings,
         }
