@@ -24,6 +24,15 @@ from rpo_diffusers.rewards import LambdaHarmonicScorer
 TWO_PROMPTS = ["a sks dog on the beach", "a sks dog in the snow"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One thread: on a small shared CPU two threads per process fight over the cores (several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def references():
     rng = np.random.default_rng(1)
