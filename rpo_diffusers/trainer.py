@@ -308,6 +308,10 @@ class RPOTrainer:
         earlier or the user's own) count, only the shortfall is sampled, with ``class_prompt`` and fixed seeds.
         """
         cfg = self.config
+        if not cfg.with_prior_preservation or not cfg.class_prompt:
+            raise ValueError(
+                "Class images belong to prior preservation: build the config with with_prior_preservation=True."
+            )
         folder = check_class_data_dir(self.class_data_dir)
         if self.is_main:
             folder.mkdir(parents=True, exist_ok=True)

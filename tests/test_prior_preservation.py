@@ -220,6 +220,9 @@ def test_bad_prior_settings_give_clear_errors(tiny_sd_dir, tmp_path, scorer, ref
     trainer = make_trainer(tiny_sd_dir, tmp_path / "o", scorer, references, class_data_dir=str(broken))
     with pytest.raises(ValueError, match=r"0\.png.*class_data_dir: delete it"):
         trainer.generate_class_images()
+    off = make_trainer(tiny_sd_dir, tmp_path / "o", scorer, references, with_prior_preservation=False)
+    with pytest.raises(ValueError, match="with_prior_preservation=True"):
+        off.generate_class_images()
 
 
 def _train_script():
