@@ -40,7 +40,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from rpo_diffusers.config import RPOConfig
-from rpo_diffusers.data import load_image_folder
+from rpo_diffusers.data import load_image_folder, make_image_grid
 from rpo_diffusers.evaluation import Judges, generate_images
 from rpo_diffusers.prompts import evaluation_prompts, load_dreambench_classes, subject_type_for
 
@@ -281,6 +281,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--jobs", type=int, default=1, help="subjects run in parallel processes (e.g. 2 on 2 cores)"
     )
     p.add_argument("--keep_models", action="store_true", help="keep every run's exported weights")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the finished runs in --output_dir, run the rest"
+    )
     args = p.parse_args(argv)
     args.toy = args.dreambench_dir is None
     if args.toy:
@@ -325,9 +328,10 @@ def run_subject(
     if _JUDGES is None:
         _JUDGES = load_judges(args)
     out = Path(args.output_dir)
-    rows, grid_rows = [], []
+    rows = []
     for method in methods:
         run_dir = out / "runs" / subject.name / method.name
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
         pipe, info = train_and_load(args, subject, method, run_dir)
         pipe.to("cuda" if torch.cuda.is_available() else "cpu")
         images = generate_images(
@@ -340,17 +344,15 @@ def run_subject(
         row["wall_s"] = info["wall_s"]
         row["history"] = info["history"]
         rows.append(row)
-        grid_rows.append((method.label, [ims[0] for ims in images.values()]))
+        make_image_grid([ims[0] for ims in images.values()], rows=1).save(
+            run_dir.parent / f"{method.name}.png"
+        )
         shown = ", ".join(f"{k} {row[k]:.3f}" for k in METRICS if k in row and k != "wall_s")
         print(f"{subject.name:>18} {method.name:>16}: {shown}, chosen step {info['best_step']}, "
               f"{info['wall_s']:.0f}s", flush=True)  # fmt: skip
         if not args.keep_models and run_dir.exists():
             for f in run_dir.rglob("*.safetensors"):
                 f.unlink()
-    grid_dir = out / "grids"
-    grid_dir.mkdir(parents=True, exist_ok=True)
-    references = subject.references[: len(subject.eval_prompts)]
-    labelled_grid([("references", references), *grid_rows]).save(grid_dir / f"{subject.name}.png")
     return rows
 
 
@@ -367,7 +369,10 @@ def main(argv=None) -> int:
     print(
         f"{len(subjects)} subjects x {len(methods)} methods, {args.jobs} job(s); results in {out}", flush=True
     )
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = load_previous(out) if args.resume else []
+    done = {(r["subject"], r["method"]) for r in rows}
+    todo = [(s, [m for m in methods if (s.name, m.name) not in done]) for s in subjects]
+    todo = [(s, ms) for s, ms in todo if ms]
     csv_path = out / "results.csv"
     t_start = time.perf_counter()
     if args.jobs > 1:  # one process per subject at a time (spawn: no forked torch state)
@@ -376,23 +381,36 @@ def main(argv=None) -> int:
 
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(run_subject, args, s, methods) for s in subjects]
+            futures = [pool.submit(run_subject, args, s, ms) for s, ms in todo]
             for future in as_completed(futures):
                 rows += future.result()
                 write_csv(csv_path, rows)
     else:
-        for subject in subjects:
-            rows += run_subject(args, subject, methods)
+        for subject, ms in todo:
+            rows += run_subject(args, subject, ms)
             write_csv(csv_path, rows)
-    order = {s.name: i for i, s in enumerate(subjects)}
-    rows.sort(key=lambda r: (order[r["subject"]], [m.name for m in methods].index(r["method"])))
+    names = [m.name for m in METHODS]
+    rows.sort(key=lambda r: (r["subject"], names.index(r["method"])))
     write_csv(csv_path, rows)
+    methods = [m for m in METHODS if any(r["method"] == m.name for r in rows)]
+    for subject in subjects:  # one grid per subject: references, then a row per method, one image per prompt
+        grid_rows = [("references", subject.references[: len(subject.eval_prompts)])]
+        for m in methods:
+            path = out / "runs" / subject.name / f"{m.name}.png"
+            if path.exists():
+                strip = Image.open(path).convert("RGB")
+                w = strip.width // len(subject.eval_prompts)
+                grid_rows.append((m.label, [strip.crop((i * w, 0, (i + 1) * w, strip.height))
+                                            for i in range(len(subject.eval_prompts))]))  # fmt: skip
+        (out / "grids").mkdir(exist_ok=True)
+        labelled_grid(grid_rows).save(out / "grids" / f"{subject.name}.png")
     summary = summarize(rows, methods)
     table = format_table(summary)
     print("\n" + table)
     (out / "table.md").write_text(table + "\n")
     runs = {
-        f"{r['subject']}/{r['method']}": {"best_step": r["best_step"], "history": r["history"]} for r in rows
+        f"{r['subject']}/{r['method']}": {"best_step": r["best_step"], "history": r.get("history", [])}
+        for r in rows
     }
     (out / "summary.json").write_text(
         json.dumps({"args": vars(args), "summary": summary, "runs": runs}, indent=2)
@@ -404,6 +422,26 @@ def main(argv=None) -> int:
     )
     print(f"total {time.perf_counter() - t_start:.0f}s")
     return 0
+
+
+def load_previous(out: Path) -> list[dict[str, Any]]:
+    """The rows (and validation histories) of an earlier, possibly interrupted, run in the same folder."""
+    path = out / "results.csv"
+    if not path.exists():
+        return []
+    runs = {}
+    if (out / "summary.json").exists():
+        runs = json.loads((out / "summary.json").read_text()).get("runs", {})
+    rows = []
+    with path.open() as fh:
+        for raw in csv.DictReader(fh):
+            row: dict[str, Any] = {"subject": raw["subject"], "method": raw["method"]}
+            row["best_step"] = int(raw["best_step"]) if raw["best_step"] else None
+            row.update({k: float(raw[k]) for k in METRICS if raw.get(k)})
+            row["history"] = runs.get(f"{raw['subject']}/{raw['method']}", {}).get("history", [])
+            rows.append(row)
+    print(f"resuming: {len(rows)} finished runs in {path}", flush=True)
+    return rows
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
