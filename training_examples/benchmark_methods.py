@@ -197,6 +197,11 @@ def format_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def ascii_label(label: str) -> str:
+    """PIL's default font has no λ."""
+    return label.replace("λ_val", "lambda").replace("λ", "lambda")
+
+
 def tradeoff_plot(summary: list[dict[str, Any]], x_key: str, y_key: str, size=(640, 480)) -> Image.Image:
     """Scatter of the methods' means: subject fidelity (x) against prompt fidelity (y)."""
     img = Image.new("RGB", size, "white")
@@ -204,7 +209,9 @@ def tradeoff_plot(summary: list[dict[str, Any]], x_key: str, y_key: str, size=(6
     left, right, top, bottom = 70, size[0] - 30, 30, size[1] - 50
     draw.rectangle((left, top, right, bottom), outline="black")
     draw.text((left, 8), f"{y_key} against {x_key} (mean over subjects)", fill="black")
-    points = [(s["label"], s[x_key][0], s[y_key][0]) for s in summary if s.get(x_key) and s.get(y_key)]
+    points = [
+        (ascii_label(s["label"]), s[x_key][0], s[y_key][0]) for s in summary if s.get(x_key) and s.get(y_key)
+    ]
     if not points:
         return img
     xs, ys = [p[1] for p in points], [p[2] for p in points]
@@ -234,7 +241,7 @@ def labelled_grid(rows: list[tuple[str, list[Image.Image]]], cell: int = 64) -> 
     grid = Image.new("RGB", (label_w + cols * cell, len(rows) * cell), "white")
     draw = ImageDraw.Draw(grid)
     for r, (label, ims) in enumerate(rows):
-        draw.text((4, r * cell + cell // 2 - 6), label, fill="black")
+        draw.text((4, r * cell + cell // 2 - 6), ascii_label(label), fill="black")
         for c, im in enumerate(ims):
             grid.paste(im.convert("RGB").resize((cell, cell)), (label_w + c * cell, r * cell))
     return grid
