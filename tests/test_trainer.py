@@ -172,20 +172,25 @@ def test_training_changes_only_what_it_should_and_reference_stays(
         assert changed
 
 
+def snapshot_at_validations(trainer: RPOTrainer) -> dict[int, dict[str, torch.Tensor]]:
+    """The trainable weights at every validation step, filled in as training runs."""
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(event: str, payload: dict) -> None:
+        if event == "validation":
+            snapshots[payload["step"]] = trainer.components.trainable_state_dict()
+
+    trainer.callbacks.append(keep)
+    return snapshots
+
+
 def test_early_stopping_picks_the_best_validation_and_exports_it(tiny_sd_dir, tmp_path, references):
     # validations at steps 0, 2, 4, 6, 8 -> best at 4, patience 2 stops after step 8 (max is 12).
     scorer = ScriptedScorer([0.1, 0.3, 0.7, 0.4, 0.2, 0.9, 0.9])
     trainer = make_trainer(
         tiny_sd_dir, tmp_path, scorer, references, max_train_steps=12, patience=2, learning_rate=1e-3
     )
-    snapshots = {}
-    trainer.callbacks.append(
-        lambda event, p: (
-            snapshots.__setitem__(p["step"], trainer.components.trainable_state_dict())
-            if event == "validation"
-            else None
-        )
-    )
+    snapshots = snapshot_at_validations(trainer)
     result = trainer.train()
     assert [h["step"] for h in result.history] == [0, 2, 4, 6, 8]
     assert result.best_step == 4 and result.best_reward == pytest.approx(0.7)
@@ -208,14 +213,7 @@ def test_without_early_stopping_the_last_step_is_exported(tiny_sd_dir, tmp_path,
     trainer = make_trainer(
         tiny_sd_dir, tmp_path, scorer, references, max_train_steps=6, early_stopping=False, learning_rate=1e-3
     )
-    snapshots = {}
-    trainer.callbacks.append(
-        lambda event, p: (
-            snapshots.__setitem__(p["step"], trainer.components.trainable_state_dict())
-            if event == "validation"
-            else None
-        )
-    )
+    snapshots = snapshot_at_validations(trainer)
     result = trainer.train()
     assert [h["step"] for h in result.history] == [0, 2, 4, 6]
     assert result.best_step == 6 and result.best_reward == pytest.approx(0.4) and not result.stopped_early
