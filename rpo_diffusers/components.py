@@ -34,9 +34,8 @@ class Denoiser(nn.Module):
     def forward(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor
     ) -> torch.Tensor:
-        dtype = (
-            self.unet.dtype
-        )  # a half-precision frozen base (LoRA) takes half inputs; autocast does the rest
+        # a half-precision frozen base (LoRA) takes half inputs; autocast does the rest
+        dtype = self.unet.dtype
         return self.unet(
             noisy_latents.to(dtype),
             timesteps,
@@ -253,9 +252,7 @@ class DiffusersComponents(DiffusionComponents):
         from peft import LoraConfig
 
         unet = self.unet
-        unet.requires_grad_(False)
-        if self.weight_dtype != torch.float32:
-            unet.to(dtype=self.weight_dtype)
+        unet.requires_grad_(False)  # already in weight_dtype (cast in __init__)
         unet.add_adapter(
             LoraConfig(
                 r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules)

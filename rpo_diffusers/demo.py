@@ -49,11 +49,10 @@ def _metrics_line(name: str, row: dict[str, float]) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from .config import RPOConfig
     from .data import make_image_grid
-    from .evaluation import Judges, generate_images
+    from .evaluation import Judges, generate_images, load_result_pipeline
     from .toy import SAMPLING, asset_path, get_subject
     from .trainer import RPOTrainer
 
@@ -103,15 +102,9 @@ def run_demo(args: argparse.Namespace) -> int:
         f"\nheld-out prompts ({len(subject.evaluation_prompts())} x {EVAL_IMAGES_PER_PROMPT} images), base -> RPO:"
     )
     judges = Judges.for_toy_world()
-    base = StableDiffusionPipeline.from_pretrained(asset_path("sd"), safety_checker=None)
-    if args.use_lora:
-        tuned = StableDiffusionPipeline.from_pretrained(asset_path("sd"), safety_checker=None)
-        tuned.load_lora_weights(config.output_dir)
-    else:
-        tuned = StableDiffusionPipeline.from_pretrained(config.output_dir, safety_checker=None)
     metrics, images = {}, {}
-    for name, pipe in (("base", base), ("rpo", tuned)):
-        pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    for name, out_dir in (("base", None), ("rpo", config.output_dir)):
+        pipe = load_result_pipeline(asset_path("sd"), out_dir, args.use_lora)
         images[name] = generate_images(
             pipe,
             subject.evaluation_prompts(),

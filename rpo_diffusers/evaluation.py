@@ -17,6 +17,25 @@ from PIL import Image
 from .data import ImageInput
 
 
+def load_result_pipeline(
+    base_model: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    use_lora: bool = False,
+    dtype: torch.dtype = torch.float32,
+):
+    """The pipeline an RPO run ended with, loaded the way a user loads it: the full model from
+    ``output_dir``, or the base model plus ``load_lora_weights(output_dir)``; ``output_dir=None`` is the
+    base model itself."""
+    from diffusers import StableDiffusionPipeline
+
+    full = output_dir is not None and not use_lora
+    pipe = StableDiffusionPipeline.from_pretrained(output_dir if full else base_model, torch_dtype=dtype,
+                                                   safety_checker=None)  # fmt: skip
+    if output_dir is not None and use_lora:
+        pipe.load_lora_weights(output_dir)
+    return pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def generate_images(
     pipe,
     prompts: Sequence[str],

@@ -268,15 +268,18 @@ class RPOTrainer:
         images = [load_image(folder / e["file"]) for e in manifest["images"]]
         return images, [int(e["prompt_index"]) for e in manifest["images"]]
 
-    def _generate_in_batches(self, prompts: list[str], seeds: list[int], desc: str, event: str):
-        """Sample ``generation_batch_size`` images at a time with the current weights, with a progress bar.
+    def _generate_in_batches(
+        self, prompts: list[str], seeds: list[int], desc: str | None = None, event: str | None = None
+    ):
+        """Sample ``generation_batch_size`` images at a time with the current weights, with a progress bar
+        (``desc``) and a callback ``event`` when given.
 
         Yields each batch as soon as it is drawn, so a caller can save it before the next one starts.
         """
         from tqdm.auto import tqdm
 
         cfg = self.config
-        bar = tqdm(total=len(prompts), desc=desc, disable=not self.is_main)
+        bar = tqdm(total=len(prompts), desc=desc, disable=not self.is_main or desc is None)
         done = 0
         for start in range(0, len(prompts), cfg.generation_batch_size):
             end = start + cfg.generation_batch_size
@@ -290,7 +293,8 @@ class RPOTrainer:
                 )
             done += len(batch)
             bar.update(len(batch))
-            self._emit(event, {"done": done, "total": len(prompts)})
+            if event is not None:
+                self._emit(event, {"done": done, "total": len(prompts)})
             yield batch
         bar.close()
 
@@ -605,16 +609,7 @@ class RPOTrainer:
             t0 = time.perf_counter()
             prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
             seeds = [cfg.seed + 7919 * (1 + i) for i in range(len(prompts))]
-            images: list[Image.Image] = []
-            for start in range(0, len(prompts), cfg.generation_batch_size):
-                with self.accelerator.autocast():
-                    images += self.components.generate(
-                        prompts[start : start + cfg.generation_batch_size],
-                        seeds[start : start + cfg.generation_batch_size],
-                        cfg.num_inference_steps,
-                        cfg.guidance_scale,
-                        cfg.resolution,
-                    )
+            images = [im for batch in self._generate_in_batches(prompts, seeds) for im in batch]
             scores = self.scorer.score(images, prompts, lambda_=cfg.lambda_val)
             per_prompt = {
                 p: float(

@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 
 from rpo_diffusers.config import RPOConfig
 from rpo_diffusers.data import load_image_folder, make_image_grid
-from rpo_diffusers.evaluation import Judges, generate_images
+from rpo_diffusers.evaluation import Judges, generate_images, load_result_pipeline
 from rpo_diffusers.prompts import evaluation_prompts, load_dreambench_classes, subject_type_for
 
 
@@ -131,25 +131,21 @@ def run_config(args: argparse.Namespace, subject: BenchSubject, method: Method, 
 
 def train_and_load(args, subject: BenchSubject, method: Method, run_dir: Path):
     """The pipeline a method ends with, and what its training reported."""
-    from diffusers import StableDiffusionPipeline
-
     from rpo_diffusers.trainer import RPOTrainer
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     if method.overrides is None:
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=dtype, safety_checker=None)
-        return pipe, {"wall_s": 0.0, "best_step": None, "history": []}
+        return load_result_pipeline(args.model, dtype=dtype), {
+            "wall_s": 0.0,
+            "best_step": None,
+            "history": [],
+        }
     config = run_config(args, subject, method, run_dir)
     t0 = time.perf_counter()
     result = RPOTrainer(config, reference_images=subject.references).train()
     wall = time.perf_counter() - t0
-    if args.use_lora:
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=dtype, safety_checker=None)
-        pipe.load_lora_weights(run_dir)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(run_dir, dtype=dtype, safety_checker=None)
-    info = {"wall_s": wall, "best_step": result.best_step, "history": result.history}
-    return pipe, info
+    pipe = load_result_pipeline(args.model, run_dir, args.use_lora, dtype)
+    return pipe, {"wall_s": wall, "best_step": result.best_step, "history": result.history}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,7 +336,6 @@ def run_subject(
         run_dir = out / "runs" / subject.name / method.name
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         pipe, info = train_and_load(args, subject, method, run_dir)
-        pipe.to("cuda" if torch.cuda.is_available() else "cpu")
         images = generate_images(
             pipe, subject.eval_prompts, args.num_eval_images, seed=args.seed, resolution=args.resolution,
             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
