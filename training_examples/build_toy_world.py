@@ -23,6 +23,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -676,6 +677,28 @@ def overfit(out: Path, report: dict, steps: int, subject_name: str, learning_rat
     }  # fmt: skip
 
 
+def _read_report(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_report(path: Path, report: dict, loaded: dict) -> dict:
+    """Merge this process's entries into the report on disk, atomically.
+
+    Two build processes (e.g. the SD stages and the encoder stages on separate cores) share one
+    report: each writes back only the keys it changed, so neither erases the other's numbers.
+    """
+    merged = _read_report(path)
+    merged.update({k: v for k, v in report.items() if k not in loaded or loaded[k] != v})
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(merged, indent=2))
+    os.replace(tmp, path)
+    report.clear()
+    report.update(merged)
+    loaded.clear()
+    loaded.update(json.loads(json.dumps(merged)))
+    return report
+
+
 STAGES = (
     "vae",
     "vae_decoder",
@@ -709,7 +732,8 @@ def main(argv=None) -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "build_report.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    report = _read_report(report_path)
+    loaded = json.loads(json.dumps(report))  # what was on disk before this process changed anything
     scale = 0.01 if args.quick else 1.0
     n = max(int(16000 * scale), 256)
 
@@ -760,15 +784,13 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         fn()
         report.setdefault(stage, {})["seconds"] = round(time.perf_counter() - t, 1)
-        report_path.write_text(json.dumps(report, indent=2))
+        report = _write_report(report_path, report, loaded)
         log(f"{stage}: done in {report[stage]['seconds']}s")
-    for tmp in out.glob("_tok*"):
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+    for tmp in out.glob("_tok*"):  # tokenizers are loaded as soon as they are written
+        shutil.rmtree(tmp, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     report["total_mb"] = round(size / 2**20, 2)
-    report_path.write_text(json.dumps(report, indent=2))
+    _write_report(report_path, report, loaded)
     log(
         f"total size {report['total_mb']} MB; subjects: {list(SUBJECTS)}; {math.ceil(time.perf_counter() - t0)}s"
     )
