@@ -15,8 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# One thread per process: the suite's models are tiny, and on a small shared CPU several threads per
+# process fight over the cores (about 10x slower without -n, where nothing else pinned them).
+torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DREAMBENCH = REPO_ROOT.parent / "shared" / "dreambench"
@@ -37,6 +38,24 @@ def tiny_scorer_dirs(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("scorers")
     return {family: build_tiny_scorer(root / family, family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def clip_scorer(tiny_scorer_dirs):
+    """The tiny CLIP scorer the trainer tests train with."""
+    from rpo_diffusers.rewards import LambdaHarmonicScorer
+
+    return LambdaHarmonicScorer.from_pretrained(tiny_scorer_dirs["clip"])
+
+
+@pytest.fixture(scope="session")
+def references():
+    """Three seeded noise photos: the 'subject' of the trainer tests."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
 
 
 @pytest.fixture(scope="session")

@@ -12,36 +12,14 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from rpo_diffusers import RPOConfig, RPOTrainer
-from rpo_diffusers.rewards import LambdaHarmonicScorer
 
 TWO_PROMPTS = ["a sks dog on the beach", "a sks dog in the snow"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One thread: on a small shared CPU two threads per process fight over the cores (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def references():
-    rng = np.random.default_rng(1)
-    return [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
-
-
-@pytest.fixture(scope="module")
-def scorer(tiny_scorer_dirs):
-    return LambdaHarmonicScorer.from_pretrained(tiny_scorer_dirs["clip"])
 
 
 def make_config(tiny_sd_dir: Path, output_dir: Path, **overrides) -> RPOConfig:
@@ -67,20 +45,20 @@ def make_config(tiny_sd_dir: Path, output_dir: Path, **overrides) -> RPOConfig:
     return RPOConfig(**settings)
 
 
-def make_trainer(tiny_sd_dir, output_dir, scorer, references, events=None, **overrides) -> RPOTrainer:
+def make_trainer(tiny_sd_dir, output_dir, clip_scorer, references, events=None, **overrides) -> RPOTrainer:
     callbacks = [lambda event, payload: events.append((event, payload))] if events is not None else []
     cfg = make_config(tiny_sd_dir, output_dir, **overrides)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
-    return RPOTrainer(cfg, pipe, scorer, references, callbacks=callbacks)
+    return RPOTrainer(cfg, pipe, clip_scorer, references, callbacks=callbacks)
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
 
 
-def test_class_images_are_generated_once_as_pngs_and_reused(tiny_sd_dir, tmp_path, scorer, references):
+def test_class_images_are_generated_once_as_pngs_and_reused(tiny_sd_dir, tmp_path, clip_scorer, references):
     events: list = []
-    trainer = make_trainer(tiny_sd_dir, tmp_path / "out", scorer, references, events)
+    trainer = make_trainer(tiny_sd_dir, tmp_path / "out", clip_scorer, references, events)
     assert trainer.config.class_prompt == "a photo of dog"
     folder = tmp_path / "out" / "class_images"
     assert trainer.class_data_dir == folder
@@ -99,7 +77,7 @@ def test_class_images_are_generated_once_as_pngs_and_reused(tiny_sd_dir, tmp_pat
     # A rerun (another output dir, the same class folder) reuses them: no generation, files untouched.
     before, events[:] = _mtimes(folder), []
     again = make_trainer(
-        tiny_sd_dir, tmp_path / "out2", scorer, references, events, class_data_dir=str(folder)
+        tiny_sd_dir, tmp_path / "out2", clip_scorer, references, events, class_data_dir=str(folder)
     )
     reused = again.generate_class_images()
     assert _mtimes(folder) == before and not [e for e, _ in events if e == "class_generation"]
@@ -108,38 +86,38 @@ def test_class_images_are_generated_once_as_pngs_and_reused(tiny_sd_dir, tmp_pat
     # Asking for more draws only the shortfall; the user's own images in the folder count too.
     Image.new("RGB", (48, 40), (200, 10, 10)).save(folder / "mine.jpg")
     more = make_trainer(
-        tiny_sd_dir, tmp_path / "out3", scorer, references, events, class_data_dir=str(folder),
+        tiny_sd_dir, tmp_path / "out3", clip_scorer, references, events, class_data_dir=str(folder),
         num_class_images=5,
     )  # fmt: skip
     assert len(more.generate_class_images()) == 5
     assert len(list(folder.glob("*.png"))) == 4 and _mtimes(folder).items() >= before.items()
 
     # The same seed draws the same class images in a fresh folder (seeded, from the base model).
-    fresh = make_trainer(tiny_sd_dir, tmp_path / "fresh", scorer, references)
+    fresh = make_trainer(tiny_sd_dir, tmp_path / "fresh", clip_scorer, references)
     assert [im.tobytes() for im in fresh.generate_class_images()] == [im.tobytes() for im in images]
 
 
-def _train(tiny_sd_dir, output_dir, scorer, references, **overrides):
+def _train(tiny_sd_dir, output_dir, clip_scorer, references, **overrides):
     events: list = []
-    trainer = make_trainer(tiny_sd_dir, output_dir, scorer, references, events, **overrides)
+    trainer = make_trainer(tiny_sd_dir, output_dir, clip_scorer, references, events, **overrides)
     result = trainer.train()
     steps = [p for e, p in events if e == "step"]
     return trainer, result, steps
 
 
 def test_prior_loss_is_logged_and_weight_zero_trains_like_prior_off(
-    tiny_sd_dir, tmp_path, scorer, references
+    tiny_sd_dir, tmp_path, clip_scorer, references
 ):
     # The benchmark's "DreamBooth with prior preservation": no preference loss, no early stopping.
     dreambooth = dict(pref_loss_weight=0.0, early_stopping=False)
     off, off_result, off_steps = _train(
-        tiny_sd_dir, tmp_path / "off", scorer, references, with_prior_preservation=False, **dreambooth
+        tiny_sd_dir, tmp_path / "off", clip_scorer, references, with_prior_preservation=False, **dreambooth
     )
     zero, _, zero_steps = _train(
-        tiny_sd_dir, tmp_path / "zero", scorer, references, prior_loss_weight=0.0, **dreambooth
+        tiny_sd_dir, tmp_path / "zero", clip_scorer, references, prior_loss_weight=0.0, **dreambooth
     )
     on, on_result, on_steps = _train(
-        tiny_sd_dir, tmp_path / "on", scorer, references, prior_loss_weight=1.0, **dreambooth
+        tiny_sd_dir, tmp_path / "on", clip_scorer, references, prior_loss_weight=1.0, **dreambooth
     )
     assert len(off_steps) == len(zero_steps) == len(on_steps) == 3
     assert all("loss_prior" not in s for s in off_steps)
@@ -169,17 +147,17 @@ def test_prior_loss_is_logged_and_weight_zero_trains_like_prior_off(
     assert on_result.timings["class_images"] > 0 and off_result.timings["class_images"] == 0
 
 
-def test_lora_with_prior_resumes_like_an_uninterrupted_run(tiny_sd_dir, tmp_path, scorer, references):
+def test_lora_with_prior_resumes_like_an_uninterrupted_run(tiny_sd_dir, tmp_path, clip_scorer, references):
     common = dict(
         use_lora=True, learning_rate=5e-2, max_train_steps=4, validation_steps=2, checkpointing_steps=2, seed=5,
         train_batch_size=2, num_class_images=3,
     )  # fmt: skip
-    _, full, full_steps = _train(tiny_sd_dir, tmp_path / "a", scorer, references, **common)
-    _train(tiny_sd_dir, tmp_path / "b", scorer, references, **{**common, "max_train_steps": 2})
+    _, full, full_steps = _train(tiny_sd_dir, tmp_path / "a", clip_scorer, references, **common)
+    _train(tiny_sd_dir, tmp_path / "b", clip_scorer, references, **{**common, "max_train_steps": 2})
     assert (tmp_path / "b/checkpoint-2").is_dir()
     png_times = _mtimes(tmp_path / "b/class_images")
     resumed, result, resumed_steps = _train(
-        tiny_sd_dir, tmp_path / "b", scorer, references, **common, resume_from_checkpoint="latest"
+        tiny_sd_dir, tmp_path / "b", clip_scorer, references, **common, resume_from_checkpoint="latest"
     )
     assert _mtimes(tmp_path / "b/class_images") == png_times  # the rerun drew no class image
     assert [s["step"] for s in resumed_steps] == [3, 4]
@@ -191,8 +169,8 @@ def test_lora_with_prior_resumes_like_an_uninterrupted_run(tiny_sd_dir, tmp_path
     assert resumed.components.is_lora and (tmp_path / "b/pytorch_lora_weights.safetensors").exists()
 
 
-def test_class_batches_visit_every_class_image_each_epoch(tiny_sd_dir, tmp_path, scorer, references):
-    trainer = make_trainer(tiny_sd_dir, tmp_path / "out", scorer, references, num_class_images=3)
+def test_class_batches_visit_every_class_image_each_epoch(tiny_sd_dir, tmp_path, clip_scorer, references):
+    trainer = make_trainer(tiny_sd_dir, tmp_path / "out", clip_scorer, references, num_class_images=3)
     data = trainer.prepare_training_set(*trainer.generate_training_images(), trainer.generate_class_images())
     assert data.class_latents.shape == (3, *data.reference_latents.shape[1:])
     assert data.class_embedding.shape[0] == 1
@@ -201,7 +179,7 @@ def test_class_batches_visit_every_class_image_each_epoch(tiny_sd_dir, tmp_path,
     assert picked == [int(i) for step in range(6) for i in trainer.class_batch_indices(data, step, 0)]
 
 
-def test_bad_prior_settings_give_clear_errors(tiny_sd_dir, tmp_path, scorer, references):
+def test_bad_prior_settings_give_clear_errors(tiny_sd_dir, tmp_path, clip_scorer, references):
     with pytest.raises(ValueError, match="num_class_images must be >= 1"):
         make_config(tiny_sd_dir, tmp_path, num_class_images=0)
     with pytest.raises(ValueError, match="prior_loss_weight must be a number >= 0"):
@@ -217,10 +195,10 @@ def test_bad_prior_settings_give_clear_errors(tiny_sd_dir, tmp_path, scorer, ref
     broken = tmp_path / "classes"
     broken.mkdir()
     (broken / "0.png").write_bytes(b"\x89PNG not really")
-    trainer = make_trainer(tiny_sd_dir, tmp_path / "o", scorer, references, class_data_dir=str(broken))
+    trainer = make_trainer(tiny_sd_dir, tmp_path / "o", clip_scorer, references, class_data_dir=str(broken))
     with pytest.raises(ValueError, match=r"0\.png.*class_data_dir: delete it"):
         trainer.generate_class_images()
-    off = make_trainer(tiny_sd_dir, tmp_path / "o", scorer, references, with_prior_preservation=False)
+    off = make_trainer(tiny_sd_dir, tmp_path / "o", clip_scorer, references, with_prior_preservation=False)
     with pytest.raises(ValueError, match="with_prior_preservation=True"):
         off.generate_class_images()
 

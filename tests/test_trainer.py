@@ -10,24 +10,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
 from safetensors.torch import load_file
 
 from rpo_diffusers import RPOConfig, RPOTrainer
 from rpo_diffusers.components import DiffusersComponents
-from rpo_diffusers.rewards import LambdaHarmonicScorer, ScoreResult
+from rpo_diffusers.rewards import ScoreResult
 from rpo_diffusers.trainer import NonFiniteLossError
-
-
-@pytest.fixture(scope="module")
-def references():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
-
-
-@pytest.fixture(scope="module")
-def clip_scorer(tiny_scorer_dirs):
-    return LambdaHarmonicScorer.from_pretrained(tiny_scorer_dirs["clip"])
 
 
 class ScriptedScorer:
