@@ -180,8 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_loading_bars() -> None:
+    """Without a terminal, per-file "Loading weights" bars only flood the log; training bars stay."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():
+        _quiet_loading_bars()
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, NotADirectoryError, ValueError) as err:
