@@ -1,0 +1,48 @@
+"""The toy-world build script: two build processes share one report, and a rebuild is bit-for-bit the same.
+
+Runs the script's `--quick` mode (tiny data and step counts) as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "training_examples" / "build_toy_world.py"
+
+
+def _build(out: Path, *stages: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--output", str(out), "--quick", "--stages", *stages],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+
+
+def test_two_processes_share_the_report_and_rebuilds_are_identical(tmp_path):
+    shared = tmp_path / "shared"
+    first, second = _build(shared, "vae"), _build(shared, "scorer", "clip_eval")
+    _finish(first)
+    _finish(second)
+    report = json.loads((shared / "build_report.json").read_text())
+    for stage in ("vae", "scorer", "clip_eval"):  # neither process erased the other's entries
+        assert report[stage]["seconds"] > 0, stage
+    assert not list(shared.glob("_tok*")) and not list(shared.glob("*.tmp*"))
+
+    again = tmp_path / "again"
+    _finish(_build(again, "scorer"))
+    for name in ("scorer/model.safetensors", "scorer/config.json", "scorer/tokenizer_config.json"):
+        assert (again / name).read_bytes() == (shared / name).read_bytes(), name
+    # a finished stage is not built again (the build resumes where it stopped)
+    before = (again / "scorer" / "model.safetensors").stat().st_mtime_ns
+    _finish(_build(again, "scorer"))
+    assert (again / "scorer" / "model.safetensors").stat().st_mtime_ns == before
