@@ -156,6 +156,28 @@ def load_safetensors_only(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 
 
+def use_classic_text_encoder_keys(folder: str | os.PathLike) -> None:
+    """Rewrite a saved CLIP text encoder with the ``text_model.`` key prefix of real SD checkpoints.
+
+    transformers 5 saves ``CLIPTextModel`` without the prefix; transformers 4 then loads such a file as
+    *random* weights (with only a warning), and ComfyUI's loaders expect the prefix too. Every transformers
+    version reads the prefixed layout, so that is what we write. Other text encoders are left alone.
+    """
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    if not {"CLIPTextModel", "CLIPTextModelWithProjection"} & set(config.get("architectures") or []):
+        return
+    for path in folder.glob("*.safetensors"):
+        state = load_file(str(path))
+        if all(k.startswith(("text_model.", "text_projection")) for k in state):
+            continue
+        classic = {
+            k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
+            for k, v in state.items()
+        }
+        save_file(classic, str(path), metadata={"format": "pt"})
+
+
 def save_full_model(pipeline, output_dir: str | os.PathLike, unet=None) -> dict[str, str]:
     """A ``from_pretrained``-loadable pipeline folder plus the UNet as one diffusers-format file.
 
@@ -175,6 +197,8 @@ def save_full_model(pipeline, output_dir: str | os.PathLike, unet=None) -> dict[
     out = Path(output_dir)
     with atomic_output_dir(out, merge=True) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
+        if (tmp / "text_encoder").is_dir():
+            use_classic_text_encoder_keys(tmp / "text_encoder")
         save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, str(tmp / FULL_UNET_FILENAME),
                   metadata={"format": "diffusers-unet"})  # fmt: skip
     return {"pipeline": str(out), "unet": str(out / FULL_UNET_FILENAME)}

@@ -163,6 +163,24 @@ def test_full_model_round_trip(tiny_sd_dir, tmp_path):
     assert torch.equal(_unet_out(fresh), _unet_out(pipe.unet))
 
 
+def test_full_model_text_encoder_in_real_sd_key_layout(tiny_sd_dir, tmp_path):
+    """A CLIP text encoder built in code is saved by transformers 5 without the ``text_model.`` prefix,
+    which transformers 4 loads as random weights; the export writes real SD checkpoints' layout."""
+    from transformers import CLIPTextModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    built = CLIPTextModel(pipe.text_encoder.config)
+    built.load_state_dict(pipe.text_encoder.state_dict())
+    pipe.text_encoder = built
+    files = save_full_model(pipe, tmp_path / "out")
+    text_keys = load_file(str(Path(files["pipeline"]) / "text_encoder" / "model.safetensors")).keys()
+    assert text_keys and all(k.startswith("text_model.") for k in text_keys)
+    reloaded = CLIPTextModel.from_pretrained(Path(files["pipeline"]) / "text_encoder")
+    ids = pipe.tokenizer(["a sks dog"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).last_hidden_state, built(ids).last_hidden_state)
+
+
 @pytest.mark.parametrize("wrapper", ["compile", "ddp"])
 def test_full_model_unwraps_wrapped_unets(tiny_sd_dir, tmp_path, wrapper):
     import torch.distributed as dist

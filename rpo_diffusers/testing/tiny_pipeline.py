@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..export import use_classic_text_encoder_keys
 from .tokenizers import DEFAULT_WORDS, write_clip_tokenizer
 
 
@@ -137,21 +138,8 @@ def _save_pipeline(
     if dtype is not None:
         pipe.to(dtype=dtype)
     pipe.save_pretrained(out, safe_serialization=True)
-    _use_classic_text_encoder_keys(out / "text_encoder" / "model.safetensors")
+    use_classic_text_encoder_keys(out / "text_encoder")
     for f in (out / "_tokenizer_src").iterdir():
         f.unlink()
     (out / "_tokenizer_src").rmdir()
     return pipe
-
-
-def _use_classic_text_encoder_keys(path: Path) -> None:
-    """transformers 5 saves CLIPTextModel keys without the ``text_model.`` prefix; real SD checkpoints (and
-    ComfyUI's loaders) use the prefixed layout, which transformers still reads."""
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(str(path))
-    fixed = {
-        (k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
-        for k, v in state.items()
-    }
-    save_file(fixed, str(path), metadata={"format": "pt"})
