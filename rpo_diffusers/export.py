@@ -159,9 +159,9 @@ def load_safetensors_only(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def use_classic_text_encoder_keys(folder: str | os.PathLike) -> None:
     """Rewrite a saved CLIP text encoder with the ``text_model.`` key prefix of real SD checkpoints.
 
-    transformers 5 saves ``CLIPTextModel`` without the prefix; transformers 4 then loads such a file as
-    *random* weights (with only a warning), and ComfyUI's loaders expect the prefix too. Every transformers
-    version reads the prefixed layout, so that is what we write. Other text encoders are left alone.
+    transformers 5 saves a ``CLIPTextModel`` built in code without the prefix; transformers 4 then loads
+    such a file as *random* weights (with only a warning), and ComfyUI's loaders expect the prefix too.
+    Every transformers version reads the prefixed layout, so that is what we write.
     """
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
@@ -176,6 +176,35 @@ def use_classic_text_encoder_keys(folder: str | os.PathLike) -> None:
             for k, v in state.items()
         }
         save_file(classic, str(path), metadata={"format": "pt"})
+
+
+def write_bpe_vocab_files(folder: str | os.PathLike) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` beside a BPE ``tokenizer.json`` when they are missing.
+
+    transformers 5 saves only ``tokenizer.json``; the ``CLIPTokenizer`` class a Stable Diffusion
+    ``model_index.json`` names is, in transformers 4, the slow tokenizer, which needs the two vocabulary
+    files (real SD repositories have them).
+    """
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").exists() or (folder / "vocab.json").exists():
+        return
+    model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    if model.get("type") != "BPE":
+        return
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def make_text_files_portable(pipeline_dir: str | os.PathLike) -> None:
+    """Make a saved pipeline's text encoder and tokenizer load under transformers 4 as well as 5."""
+    pipeline_dir = Path(pipeline_dir)
+    for sub in ("text_encoder", "text_encoder_2"):
+        if (pipeline_dir / sub).is_dir():
+            use_classic_text_encoder_keys(pipeline_dir / sub)
+    for sub in ("tokenizer", "tokenizer_2"):
+        if (pipeline_dir / sub).is_dir():
+            write_bpe_vocab_files(pipeline_dir / sub)
 
 
 def save_full_model(pipeline, output_dir: str | os.PathLike, unet=None) -> dict[str, str]:
@@ -197,8 +226,7 @@ def save_full_model(pipeline, output_dir: str | os.PathLike, unet=None) -> dict[
     out = Path(output_dir)
     with atomic_output_dir(out, merge=True) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
-        if (tmp / "text_encoder").is_dir():
-            use_classic_text_encoder_keys(tmp / "text_encoder")
+        make_text_files_portable(tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, str(tmp / FULL_UNET_FILENAME),
                   metadata={"format": "diffusers-unet"})  # fmt: skip
     return {"pipeline": str(out), "unet": str(out / FULL_UNET_FILENAME)}

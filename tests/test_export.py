@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -163,10 +164,11 @@ def test_full_model_round_trip(tiny_sd_dir, tmp_path):
     assert torch.equal(_unet_out(fresh), _unet_out(pipe.unet))
 
 
-def test_full_model_text_encoder_in_real_sd_key_layout(tiny_sd_dir, tmp_path):
-    """A CLIP text encoder built in code is saved by transformers 5 without the ``text_model.`` prefix,
-    which transformers 4 loads as random weights; the export writes real SD checkpoints' layout."""
-    from transformers import CLIPTextModel
+def test_full_model_text_files_load_like_real_sd_checkpoints(tiny_sd_dir, tmp_path):
+    """transformers 5 saves a CLIP text encoder built in code without the ``text_model.`` prefix (transformers 4
+    loads that as random weights) and a tokenizer as tokenizer.json only (transformers 4's CLIPTokenizer needs
+    vocab.json + merges.txt): the export writes real SD checkpoints' layout for both."""
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     built = CLIPTextModel(pipe.text_encoder.config)
@@ -179,6 +181,13 @@ def test_full_model_text_encoder_in_real_sd_key_layout(tiny_sd_dir, tmp_path):
     ids = pipe.tokenizer(["a sks dog"], return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(reloaded(ids).last_hidden_state, built(ids).last_hidden_state)
+
+    vocab_only = tmp_path / "vocab_only"  # what a slow (transformers 4) CLIPTokenizer reads
+    vocab_only.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(Path(files["pipeline"]) / "tokenizer" / name, vocab_only / name)
+    text = ["a sks dog on the beach", "a photo of sks dog wearing a hat"]
+    assert CLIPTokenizer.from_pretrained(vocab_only)(text).input_ids == pipe.tokenizer(text).input_ids
 
 
 @pytest.mark.parametrize("wrapper", ["compile", "ddp"])

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rpo_diffusers.export import use_classic_text_encoder_keys
+from rpo_diffusers.export import make_text_files_portable
 from rpo_diffusers.testing.tokenizers import write_clip_tokenizer
 from rpo_diffusers.toy.models import (
     ATTRIBUTE_GROUPS,
@@ -221,7 +221,7 @@ def build_sd(out: Path, data: torch.Tensor, scenes: list[Scene], steps: int, rep
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sampler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)  # fmt: skip
     pipe.save_pretrained(out / "sd", safe_serialization=True)
-    use_classic_text_encoder_keys(out / "sd" / "text_encoder")
+    make_text_files_portable(out / "sd")
     report["sd"] = {
         "steps": steps,
         "final_loss": float(np.mean(losses[-200:])),
@@ -295,7 +295,7 @@ def continue_sd(out: Path, data: torch.Tensor, scenes: list[Scene], steps: int, 
     pipe.unet.eval()
     pipe.text_encoder.eval()
     pipe.save_pretrained(out / "sd", safe_serialization=True)
-    use_classic_text_encoder_keys(out / "sd" / "text_encoder")
+    make_text_files_portable(out / "sd")
     report["sd_continue"] = {"steps": steps, "final_loss": float(np.mean(losses[-200:]))}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..export import use_classic_text_encoder_keys
+from ..export import make_text_files_portable
 from .tokenizers import DEFAULT_WORDS, write_clip_tokenizer
 
 
@@ -138,7 +138,7 @@ def _save_pipeline(
     if dtype is not None:
         pipe.to(dtype=dtype)
     pipe.save_pretrained(out, safe_serialization=True)
-    use_classic_text_encoder_keys(out / "text_encoder")
+    make_text_files_portable(out)
     for f in (out / "_tokenizer_src").iterdir():
         f.unlink()
     (out / "_tokenizer_src").rmdir()
