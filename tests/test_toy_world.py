@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rpo_diffusers.data import load_image_folder
 from rpo_diffusers.prompts import has_identifier
@@ -226,6 +227,11 @@ def test_bundled_models_load_through_from_pretrained():
     assert asset_path("scorer") != asset_path("clip_eval")
     report = json.loads((ASSETS_DIR / "build_report.json").read_text())
     assert "faithfulness" in report and report["total_mb"] <= 25
+    # text encoder and tokenizer files as in real SD checkpoints, which transformers 4 reads too
+    text_keys = load_file(str(asset_path("sd") / "text_encoder" / "model.safetensors")).keys()
+    assert text_keys and all(k.startswith("text_model.") for k in text_keys)
+    assert (asset_path("sd") / "tokenizer" / "vocab.json").exists()
+    assert (asset_path("sd") / "tokenizer" / "merges.txt").exists()
 
 
 @needs_assets
