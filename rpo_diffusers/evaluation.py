@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .data import ImageInput
+from .export import LORA_DIFFUSERS_FILENAME
 
 
 def load_result_pipeline(
@@ -32,7 +33,9 @@ def load_result_pipeline(
     pipe = StableDiffusionPipeline.from_pretrained(output_dir if full else base_model, torch_dtype=dtype,
                                                    safety_checker=None)  # fmt: skip
     if output_dir is not None and use_lora:
-        pipe.load_lora_weights(output_dir)
+        # the file named: diffusers < 0.40 (the newest that installs beside transformers 4) refuses a local
+        # folder without weight_name when HF_HUB_OFFLINE is set
+        pipe.load_lora_weights(output_dir, weight_name=LORA_DIFFUSERS_FILENAME)
     return pipe.to("cuda" if torch.cuda.is_available() else "cpu")
 
 

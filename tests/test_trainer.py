@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from rpo_diffusers import RPOConfig, RPOTrainer
 from rpo_diffusers.components import DiffusersComponents
+from rpo_diffusers.export import LORA_DIFFUSERS_FILENAME
 from rpo_diffusers.rewards import ScoreResult
 from rpo_diffusers.trainer import NonFiniteLossError
 
@@ -239,7 +240,7 @@ def test_exported_lora_reproduces_the_model(tiny_sd_dir, tmp_path, references):
     mine = trainer.components.generate(*args)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     base = DiffusersComponents(pipe).generate(*args)
-    pipe.load_lora_weights(tmp_path / "out")
+    pipe.load_lora_weights(tmp_path / "out", weight_name=LORA_DIFFUSERS_FILENAME)  # diffusers < 0.40 offline
     loaded = DiffusersComponents(pipe).generate(*args)
     for a, b in zip(mine, loaded):
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
