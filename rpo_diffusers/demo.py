@@ -15,7 +15,7 @@ import math
 import time
 from pathlib import Path
 
-DEMO_SUBJECT = "redblue_ball"
+DEMO_SUBJECT = "whiteblack_ring"
 EVAL_IMAGES_PER_PROMPT = 4
 
 
