@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +87,12 @@ class TrainingSet:
     generated_rewards: torch.Tensor  # [N]
     class_latents: torch.Tensor | None = None  # [K, C, h, w]: prior preservation only
     class_embedding: torch.Tensor | None = None  # [1, L, D]: the class prompt
+
+
+def _bar_pacing() -> dict[str, float]:
+    """Progress bars redraw ten times a second on a terminal; into a log file that is thousands of
+    lines, so without a terminal they report every 10 seconds."""
+    return {} if sys.stderr.isatty() else {"mininterval": 10.0}
 
 
 class RPOTrainer:
@@ -279,7 +286,7 @@ class RPOTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        bar = tqdm(total=len(prompts), desc=desc, disable=not self.is_main or desc is None)
+        bar = tqdm(total=len(prompts), desc=desc, disable=not self.is_main or desc is None, **_bar_pacing())
         done = 0
         for start in range(0, len(prompts), cfg.generation_batch_size):
             end = start + cfg.generation_batch_size
@@ -818,6 +825,7 @@ class RPOTrainer:
                 initial=self.global_step,
                 desc="RPO",
                 disable=not acc.is_main_process,
+                **_bar_pacing(),
             )
             t_train = time.perf_counter()
             while self.global_step < cfg.max_train_steps and not stopped_early:
@@ -873,7 +881,7 @@ class RPOTrainer:
                     postfix["prior"] = logs["loss_prior"]
                 if self.history:
                     postfix["val"] = self.history[-1]["reward"]
-                bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()})
+                bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()}, refresh=False)
                 if cfg.checkpointing_steps and self.global_step % cfg.checkpointing_steps == 0:
                     self.save_checkpoint()
             self.timings["training"] += time.perf_counter() - t_train
