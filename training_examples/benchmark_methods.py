@@ -202,12 +202,13 @@ def tradeoff_plot(summary: list[dict[str, Any]], x_key: str, y_key: str, size=(6
     """Scatter of the methods' means: subject fidelity (x) against prompt fidelity (y)."""
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
-    left, right, top, bottom = 70, size[0] - 30, 30, size[1] - 50
-    draw.rectangle((left, top, right, bottom), outline="black")
-    draw.text((left, 8), f"{y_key} against {x_key} (mean over subjects)", fill="black")
     points = [
         (ascii_label(s["label"]), s[x_key][0], s[y_key][0]) for s in summary if s.get(x_key) and s.get(y_key)
     ]
+    label_room = max((draw.textlength(p[0]) for p in points), default=0) + 12  # labels stay inside the image
+    left, right, top, bottom = 70, size[0] - max(30, int(label_room)), 30, size[1] - 50
+    draw.rectangle((left, top, right, bottom), outline="black")
+    draw.text((left, 8), f"{y_key} against {x_key} (mean over subjects)", fill="black")
     if not points:
         return img
     xs, ys = [p[1] for p in points], [p[2] for p in points]
