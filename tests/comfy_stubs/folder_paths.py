@@ -12,7 +12,8 @@ folder_names_and_paths = {
 
 
 def get_folder_paths(folder_name: str) -> list[str]:
-    return folder_names_and_paths[folder_name][0][:]
+    paths, _extensions = folder_names_and_paths[folder_name]
+    return list(paths)  # a copy: callers may not change the registry
 
 
 def get_output_directory() -> str:
