@@ -169,13 +169,12 @@ def use_classic_text_encoder_keys(folder: str | os.PathLike) -> None:
         return
     for path in folder.glob("*.safetensors"):
         state = load_file(str(path))
-        if all(k.startswith(("text_model.", "text_projection")) for k in state):
-            continue
         classic = {
             k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
             for k, v in state.items()
         }
-        save_file(classic, str(path), metadata={"format": "pt"})
+        if classic.keys() != state.keys():
+            save_file(classic, str(path), metadata={"format": "pt"})
 
 
 def write_bpe_vocab_files(folder: str | os.PathLike) -> None:

@@ -569,13 +569,13 @@ def evaluate(out: Path, report: dict, n_prompts: int) -> None:
     prompts = [s.caption() for s in prompt_scenes]
     images = generate(pipe, prompts, seed=0)
     make_image_grid(images[:32], rows=4).save(out / "samples_base.png")
-    predicted = clf.predict(images)
+    predicted, stated = clf.predict(images), [parse_prompt(q) for q in prompts]
     result["base_model_on_heldout_prompts"] = {
         "prompts": len(prompts),
         "context_accuracy": _rate(context_hits(images, prompts, clf)),
         "object_accuracy": _rate(object_hits(images, prompts, clf)),
         **{
-            f"{g}_accuracy": _rate([p[g] == parse_prompt(q)[g] for p, q in zip(predicted, prompts) if g in parse_prompt(q)])
+            f"{g}_accuracy": _rate([p[g] == q[g] for p, q in zip(predicted, stated)])
             for g in ("shape", "color", "pattern", "background")
         },
     }  # fmt: skip
@@ -697,11 +697,12 @@ def _read_report(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _write_report(path: Path, report: dict, loaded: dict) -> dict:
+def _write_report(path: Path, report: dict, loaded: dict) -> None:
     """Merge this process's entries into the report on disk, atomically.
 
     Two build processes (e.g. the SD stages and the encoder stages on separate cores) share one
     report: each writes back only the keys it changed, so neither erases the other's numbers.
+    ``report`` (which the stages hold) and ``loaded`` are updated in place to the merged result.
     """
     merged = _read_report(path)
     merged.update({k: v for k, v in report.items() if k not in loaded or loaded[k] != v})
@@ -712,7 +713,6 @@ def _write_report(path: Path, report: dict, loaded: dict) -> dict:
     report.update(merged)
     loaded.clear()
     loaded.update(json.loads(json.dumps(merged)))
-    return report
 
 
 STAGES = (
@@ -800,7 +800,7 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         fn()
         report.setdefault(stage, {})["seconds"] = round(time.perf_counter() - t, 1)
-        report = _write_report(report_path, report, loaded)
+        _write_report(report_path, report, loaded)
         log(f"{stage}: done in {report[stage]['seconds']}s")
     for tmp in out.glob("_tok*"):  # tokenizers are loaded as soon as they are written
         shutil.rmtree(tmp, ignore_errors=True)
