@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rpo_diffusers.testing.ports import free_local_port
+
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(
     not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run the real-server test"
@@ -39,15 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "comfyui_nodes" / "example_workflows"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, base: Path) -> None:
-        self.port = _free_port()
+        self.port = free_local_port()
         self.log_path = base / "comfyui.log"
         python = os.environ.get("COMFYUI_PYTHON", "python")
         cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", str(base),

@@ -11,7 +11,6 @@ import pickle
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -44,6 +43,7 @@ from rpo_diffusers.export import (
     save_lora_model,
     write_model_card,
 )
+from rpo_diffusers.testing.ports import free_local_port
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK, ALPHA = 4, 16.0  # alpha != rank: a loader that reads the rank as alpha scales the LoRA by 1/4
@@ -704,10 +704,7 @@ def test_push_to_hub_uploads_the_model_not_checkpoints_logs_or_temp_folders(uplo
 
 
 def test_push_to_hub_connection_refused(upload_dir, monkeypatch):
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    _use_endpoint(monkeypatch, f"http://127.0.0.1:{port}")
+    _use_endpoint(monkeypatch, f"http://127.0.0.1:{free_local_port()}")  # a port nobody listens on
     with pytest.raises(ExportError, match=f"(?s){upload_dir}.*intact"):
         push_to_hub(upload_dir, "someone/rpo-dog", token="hf_x")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import fields
@@ -22,6 +21,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 from PIL import Image
+
+from rpo_diffusers.testing.ports import free_local_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training_examples" / "train_rpo.py"
@@ -134,10 +135,7 @@ def test_two_process_cpu_run(tiny_sd_dir, tiny_scorer_dirs, instance_dir, tmp_pa
     """`accelerate launch --multi_gpu --num_processes 2` on CPU: a real 2-rank gloo run, full fine-tuning."""
     out = tmp_path / "ddp"
     # a free port picked here: accelerate <= 1.4 passes port 0 on to torchrun, and the ranks then hang
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    launcher = ["--multi_gpu", "--num_processes", "2", "--main_process_port", port]
+    launcher = ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_local_port())]
     proc = _launch(launcher, _args(tiny_sd_dir, tiny_scorer_dirs, instance_dir, out, "--checkpointing_steps", "4",
                                    "--validation_steps", "4"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
