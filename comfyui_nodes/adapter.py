@@ -164,6 +164,12 @@ class ComfyComponents(DiffusionComponents):
         images = self.vae.decode(self.model_patcher.model.process_latent_out(latents.float().cpu()))
         return comfy_image_to_pil(images.reshape(-1, *images.shape[-3:]))
 
+    @torch.no_grad()
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """ComfyUI's VAE decodes without gradients: DPG rewards on images train through the critic here."""
+        images = self.vae.decode(self.model_patcher.model.process_latent_out(latents.float().cpu()))
+        return images.reshape(-1, *images.shape[-3:]).movedim(-1, 1).float().clamp(0, 1).to(latents.device)
+
     # -- sampling ------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts, seeds, num_inference_steps, guidance_scale, resolution) -> list[Image.Image]:

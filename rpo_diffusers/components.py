@@ -67,6 +67,10 @@ class DiffusionComponents(ABC):
         """``[B, 3, H, W]`` images in [-1, 1] -> scaled latents (no gradients)."""
 
     @abstractmethod
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> ``[B, 3, H, W]`` images in [0, 1] (differentiable where the backend allows)."""
+
+    @abstractmethod
     def generate(
         self,
         prompts: Sequence[str],
@@ -211,6 +215,12 @@ class DiffusersComponents(DiffusionComponents):
         latents = dist.mean
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
+
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        scaled = latents.to(self.device, vae.dtype) / vae.config.scaling_factor + shift
+        return (vae.decode(scaled, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
     def generate(self, prompts, seeds, num_inference_steps, guidance_scale, resolution) -> list[Image.Image]:

@@ -1,4 +1,4 @@
-"""RPOConfig: every setting of an RPO run, with the paper's defaults (DESIGN.md section 2).
+"""RPOConfig: every setting of a personalization run (RPO, DreamBooth or DPG), with the papers' defaults.
 
 A plain dataclass so that ``transformers.HfArgumentParser(RPOConfig)`` can read it from the command line
 or a JSON file, TRL-style. Validation happens in ``__post_init__`` so a bad value fails before any model
@@ -12,7 +12,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .prompts import (
     DEFAULT_IDENTIFIER,
@@ -42,8 +42,19 @@ def check_class_data_dir(path: str | os.PathLike) -> Path:
 
 @dataclass
 class RPOConfig:
-    """Settings for :class:`~rpo_diffusers.trainer.RPOTrainer`. Defaults follow the RPO paper."""
+    """Settings for :class:`~rpo_diffusers.trainer.PersonalizationTrainer` (``RPOTrainer``).
 
+    ``method`` picks the objective; defaults follow its paper (RPO: DESIGN.md section 2, DPG: section 2b).
+    ``PersonalizationConfig`` is the same class under a method-neutral name.
+    """
+
+    method: Literal["rpo", "dreambooth", "dpg"] = field(
+        default="rpo",
+        metadata={
+            "help": "Training method: 'rpo' (reward preference optimization, the default), 'dreambooth' "
+            "(L_sim + optional prior preservation) or 'dpg' (DreamBooth + a look-forward reward learned by a critic)."
+        },
+    )
     # --- models and data -------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Stable Diffusion 1.x/2.x pipeline: hub id or local folder."}
@@ -89,6 +100,32 @@ class RPOConfig:
     pref_loss_weight: float = field(
         default=1.0, metadata={"help": "w_pref; 0 trains with L_sim only (DreamBooth)."}
     )
+    sim_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "w_sim of DPG's policy loss (DPG's released code comments L_sim out: 0)."},
+    )
+    # --- DPG (method='dpg') --------------------------------------------------------------------------
+    dpg_reward: Literal["latent", "dino", "lambda_harmonic"] = field(
+        default="latent",
+        metadata={
+            "help": "Reward on the look-forward x0_hat: 'latent' (reconstruction, DPG's released code), 'dino' "
+            "(ViT feature similarity to the references, the paper's) or 'lambda_harmonic' (RPO's reward)."
+        },
+    )
+    dpg_reward_model: str = field(
+        default="facebook/dino-vits16",
+        metadata={"help": "ViT for dpg_reward='dino': hub id or local folder."},
+    )
+    dpg_weight: float = field(default=1.0, metadata={"help": "λ_dpg, the weight of the reward term (paper: 0.1 or 1)."})
+    dpg_gamma: float = field(default=0.9986, metadata={"help": "γ: the reward of a sample at timestep t is weighted γ^t."})
+    dpg_critic: Literal["residual", "latent", "none"] = field(
+        default="residual",
+        metadata={
+            "help": "Critic input: 'residual' ((x0_hat - x0)^2, DPG's), 'latent' (x0_hat), or 'none' to "
+            "backpropagate through a differentiable reward (latent, dino) directly."
+        },
+    )
+    dpg_critic_learning_rate: float = field(default=0.01, metadata={"help": "SGD learning rate of the critic."})
     # --- DreamBooth prior preservation (names as in diffusers' train_dreambooth.py) -----------------
     with_prior_preservation: bool = field(
         default=False,
@@ -119,9 +156,12 @@ class RPOConfig:
         default=1.0, metadata={"help": "Weight of the prior-preservation loss (>= 0)."}
     )
     # --- optimisation -------------------------------------------------------------------------------
-    max_train_steps: int = field(default=400, metadata={"help": "Optimiser steps."})
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Optimiser steps; default 400 (RPO, DreamBooth), 1000 (DPG)."}
+    )
     learning_rate: float | None = field(
-        default=None, metadata={"help": "Default 5e-6 for the full UNet, 1e-4 with LoRA."}
+        default=None,
+        metadata={"help": "Default 5e-6 for the full UNet (DPG: 1e-6), 1e-4 with LoRA."},
     )
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW β1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW β2."})
@@ -194,6 +234,9 @@ class RPOConfig:
     logging_dir: str = field(default="logs", metadata={"help": "TensorBoard folder, relative to output_dir."})
 
     def __post_init__(self) -> None:
+        from .objectives import objective_class
+
+        objective = objective_class(self.method)  # an unknown method fails first, naming the choices
         if not self.class_noun or not self.class_noun.strip():
             raise ValueError("class_noun is empty: set it to the subject's class, e.g. 'dog'.")
         if not self.identifier or not self.identifier.strip() or " " in self.identifier.strip():
@@ -219,7 +262,13 @@ class RPOConfig:
         check_prompts_have_identifier(self.train_prompts, self.identifier, "training prompt")
         check_prompts_have_identifier(self.validation_prompts, self.identifier, "validation prompt")
         if self.learning_rate is None:
-            self.learning_rate = 1e-4 if self.use_lora else 5e-6
+            self.learning_rate = 1e-4 if self.use_lora else (1e-6 if self.method == "dpg" else 5e-6)
+        if self.max_train_steps is None:
+            self.max_train_steps = 1000 if self.method == "dpg" else 400
+        weight = float(self.sim_loss_weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"sim_loss_weight must be a number >= 0, got {self.sim_loss_weight}.")
+        objective.check_config(self)
         positive = {
             "images_per_prompt": self.images_per_prompt,
             "max_train_steps": self.max_train_steps,
@@ -299,3 +348,6 @@ class RPOConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+PersonalizationConfig = RPOConfig

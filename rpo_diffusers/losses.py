@@ -101,3 +101,49 @@ def add_prior_preservation_loss(
     prior = model_error_on_class.mean()
     total = loss + prior_weight * prior if prior_weight else loss
     return total, {**parts, "loss": total.detach(), "loss_prior": prior.detach()}
+
+
+# --------------------------------------------------------------------------------------------------
+# DPG (Wei et al., ECCV 2024; DESIGN.md section 2b)
+# --------------------------------------------------------------------------------------------------
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, *([1] * (like.dim() - 1))).to(like.device, torch.float32)
+
+
+def look_forward(
+    noise_scheduler, noisy_latents: torch.Tensor, model_pred: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """x0_hat, the clean latent the prediction points to (diffusers' ``pred_original_sample``).
+
+    ε-prediction: x0_hat = (x_t - sqrt(1 - ab_t) p) / sqrt(ab_t); v-prediction: x0_hat = sqrt(ab_t) x_t -
+    sqrt(1 - ab_t) p. Exact when ``model_pred`` is the true target. Differentiable in ``model_pred``.
+    """
+    prediction_type = noise_scheduler.config.prediction_type
+    alphas = noise_scheduler.alphas_cumprod.to(noisy_latents.device)[timesteps.to(noisy_latents.device)]
+    sqrt_ab = _per_sample(alphas.sqrt(), noisy_latents)
+    sqrt_1m = _per_sample((1 - alphas).sqrt(), noisy_latents)
+    x_t, pred = noisy_latents.float(), model_pred.float()
+    if prediction_type == "epsilon":
+        return (x_t - sqrt_1m * pred) / sqrt_ab
+    if prediction_type == "v_prediction":
+        return sqrt_ab * x_t - sqrt_1m * pred
+    raise ValueError(f"Unsupported prediction_type {prediction_type!r}: use 'epsilon' or 'v_prediction'.")
+
+
+def timestep_discount(timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """γ^t for each sample's own timestep (the official code used the first sample's t for the batch)."""
+    return torch.pow(torch.tensor(float(gamma), dtype=torch.float64), timesteps.double()).float()
+
+
+def latent_reconstruction_reward(x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """r = -mean over C, H, W of (x0_hat - x0)^2: the look-forward reward of DPG's released code."""
+    diff = x0_hat.float() - x0.float()
+    return -diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)
+
+
+def dpg_policy_loss(
+    values: torch.Tensor, timesteps: torch.Tensor, gamma: float, weight: float = 1.0
+) -> torch.Tensor:
+    """-λ_dpg · mean over the batch of γ^t · Q(x0_hat): higher value, lower loss."""
+    discount = timestep_discount(timesteps, gamma).to(values.device)
+    return -weight * (discount * values.float()).mean()

@@ -1,11 +1,13 @@
-"""The λ-harmonic reward (DESIGN.md section 2).
+"""Rewards: the λ-harmonic reward (DESIGN.md section 2) and DPG's DINO reward (section 2b).
 
-``lambda_harmonic`` is the pure math. ``LambdaHarmonicScorer`` (below) wraps an image-text dual
-encoder (ALIGN, CLIP, SigLIP) to compute ALIGN-I and ALIGN-T for images.
+``lambda_harmonic`` is the pure math. ``LambdaHarmonicScorer`` wraps an image-text dual encoder (ALIGN, CLIP,
+SigLIP) to compute ALIGN-I and ALIGN-T for images; ``DinoReward`` scores images by their ViT features'
+similarity to the references. Both are TRL-style reward functions ``reward_fn(images, prompts, metadata)``.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -307,3 +309,129 @@ class LambdaHarmonicScorer:
             "lambda": result.lambda_,
         }
         return result.reward.tolist(), info
+
+
+DEFAULT_DINO_REWARD = "facebook/dino-vits16"
+
+
+def check_image_tower(name_or_path: str | os.PathLike) -> None:
+    """Refuse a local model folder whose config has no image tower, before its weights load.
+
+    A hub id cannot be checked offline; it is checked when it loads.
+    """
+    path = os.path.expanduser(os.fspath(name_or_path))
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return
+    import json
+    from pathlib import Path
+
+    config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    if "vision_config" in config or "image_size" in config:
+        return
+    raise ValueError(
+        f"{os.fspath(name_or_path)!r} is a {config.get('model_type', 'model')} with no image tower: the DINO reward "
+        f"needs a vision model (a ViT such as {DEFAULT_DINO_REWARD!r}, or a CLIP / SigLIP dual encoder)."
+    )
+
+
+def _processor_side(processor) -> int | None:
+    """The square input side an image processor produces (its crop size, else its resize size)."""
+    for attr in ("crop_size", "size"):
+        size = getattr(processor, attr, None)
+        if size is None:
+            continue
+        if isinstance(size, int):
+            return size
+        get = size.get if isinstance(size, dict) else lambda k, s=size: getattr(s, k, None)
+        side = get("height") or get("shortest_edge")
+        if side:
+            return int(side)
+    return None
+
+
+class DinoReward:
+    """DPG's DINO reward: mean over the references of cos(ViT CLS(x), ViT CLS(reference)).
+
+    Works on tensors end to end (resize and normalise in torch), so it is differentiable in the image when
+    called with gradients enabled; ``__call__`` is the TRL-style reward function. Reference features are
+    computed once by ``set_reference_images``. Any transformers ViT works (``facebook/dino-vits16`` by default,
+    the paper's); a dual encoder's image tower (CLIP, SigLIP) too.
+    """
+
+    differentiable = True
+
+    def __init__(
+        self,
+        model,
+        image_size: int,
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.device = torch.device(device)
+        self.image_size = int(image_size)
+        self.mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._reference_features: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike = DEFAULT_DINO_REWARD, device: str | torch.device = "cpu"
+    ) -> DinoReward:
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+        check_image_tower(name_or_path)
+        path = check_model_path(name_or_path)
+        config = AutoConfig.from_pretrained(path)
+        kwargs = {"add_pooling_layer": False} if config.model_type in ("vit", "dinov2", "deit") else {}
+        model = AutoModel.from_pretrained(path, **kwargs)
+        takes_pixels = "pixel_values" in inspect.signature(model.forward).parameters
+        if not hasattr(model, "get_image_features") and not takes_pixels:
+            raise ValueError(f"{path!r} holds a {type(model).__name__}, which has no image tower.")
+        processor = AutoImageProcessor.from_pretrained(path)
+        side = _processor_side(processor) or getattr(config, "image_size", None)
+        side = side or getattr(getattr(config, "vision_config", None), "image_size", 224)
+        return cls(model, side, processor.image_mean, processor.image_std, device)
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised CLS features ``[B, D]`` of ``[B, 3, H, W]`` images in [0, 1]."""
+        x = pixels.float().to(self.device)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        dtype = next(self.model.parameters()).dtype
+        if hasattr(self.model, "get_image_features"):
+            out = model_output_features(self.model.get_image_features(pixel_values=x.to(dtype)))
+        else:
+            out = self.model(pixel_values=x.to(dtype)).last_hidden_state[:, 0]
+        return F.normalize(out.float(), dim=-1)
+
+    def set_reference_images(self, images: ImageInput | Sequence[ImageInput]) -> None:
+        from .data import images_to_tensor
+
+        pils = to_pil_images(images)
+        with torch.no_grad():
+            pixels = (images_to_tensor(pils, self.image_size) + 1) / 2
+            self._reference_features = self.features(pixels)
+
+    def reward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B]`` mean cosine to the references (differentiable in ``pixels``)."""
+        if self._reference_features is None:
+            raise ValueError("No reference images: call set_reference_images(images) first.")
+        return (self.features(pixels) @ self._reference_features.T).mean(dim=1)
+
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput], prompts: Any = None, metadata: Any = None
+    ) -> tuple[list[float], dict[str, Any]]:
+        """TRL-style reward function (prompts are not used: DINO sees only images)."""
+        from .data import images_to_tensor
+
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            pixels = images
+        else:
+            pixels = (images_to_tensor(to_pil_images(images), self.image_size) + 1) / 2
+        with torch.no_grad():
+            rewards = self.reward(pixels)
+        return rewards.cpu().tolist(), {"dino": rewards.cpu().tolist()}

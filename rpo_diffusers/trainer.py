@@ -1,16 +1,12 @@
-"""RPOTrainer: generate -> label -> train -> validate -> select -> export, once for every front end.
+"""The training loop, once for every method and every front end.
 
-The loop follows DESIGN.md section 2 exactly:
+generate what the objective needs -> latents and embeddings, once -> optimise the objective's loss ->
+validate with the λ-harmonic reward -> select the best step -> export, with checkpoints, resume and logging.
 
-1. The *base* model draws ``images_per_prompt`` images for each training prompt (kept on disk, reused).
-2. The λ_train reward of every generated image under its prompt, and of every reference under every
-   prompt, gives Bradley-Terry probabilities; labels are drawn again each epoch (``preferences.epoch_pairs``).
-3. Each step optimises L_sim + w_pref L_pref (``losses.rpo_loss``) on (reference, generated) pairs.
-4. Every ``validation_steps`` the model draws the validation prompts; the mean λ_val reward picks the
-   best step (with optional patience); the best weights are exported.
-
-Model access goes through :class:`~rpo_diffusers.components.DiffusionComponents`, so the same loop trains
-a diffusers pipeline (script, Python API) and a ComfyUI checkpoint (nodes).
+What differs between RPO, DreamBooth and DPG lives in ``rpo_diffusers.objectives`` (the data a method needs,
+its extra trainable parts, one micro-batch's loss); the model is reached through
+:class:`~rpo_diffusers.components.DiffusionComponents`, so a diffusers pipeline (script, Python API) and a
+ComfyUI checkpoint (nodes) are two adapters to this one loop.
 """
 
 from __future__ import annotations
@@ -41,9 +37,8 @@ from .data import (
     to_pil_images,
 )
 from .export import atomic_output_dir, atomic_save_file, load_safetensors_only, write_model_card
-from .losses import add_prior_preservation_loss, denoising_error, diffusion_target, rpo_loss
+from .objectives import Objective, TrainingSet, make_objective
 from .plots import reward_plot
-from .preferences import PreferencePair, epoch_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +56,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class RPOTrainingResult:
-    """What ``RPOTrainer.train()`` returns."""
+class TrainingResult:
+    """What ``PersonalizationTrainer.train()`` returns."""
 
     best_step: int
     best_reward: float
@@ -74,19 +69,7 @@ class RPOTrainingResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class TrainingSet:
-    """Everything the loop reads each step, computed once."""
-
-    reference_latents: torch.Tensor  # [R, C, h, w]
-    generated_latents: torch.Tensor  # [N, C, h, w]
-    instance_embedding: torch.Tensor  # [1, L, D]
-    prompt_embeddings: torch.Tensor  # [P, L, D]
-    generated_prompt_indices: list[int]
-    reference_rewards: torch.Tensor  # [R, P]
-    generated_rewards: torch.Tensor  # [N]
-    class_latents: torch.Tensor | None = None  # [K, C, h, w]: prior preservation only
-    class_embedding: torch.Tensor | None = None  # [1, L, D]: the class prompt
+_SHORT = {"loss_sim": "sim", "loss_pref": "pref", "implicit_acc": "acc", "loss_prior": "prior"}
 
 
 def _bar_pacing() -> dict[str, float]:
@@ -95,8 +78,11 @@ def _bar_pacing() -> dict[str, float]:
     return {} if sys.stderr.isatty() else {"mininterval": 10.0}
 
 
-class RPOTrainer:
-    """Reward Preference Optimization for one subject.
+class PersonalizationTrainer:
+    """Personalize a text-to-image model on one subject with the method ``config.method`` selects.
+
+    ``RPOTrainer`` is the same class: RPO is the default method; ``method="dreambooth"`` and ``method="dpg"``
+    train on the same loop.
 
     Args:
         config: the run's settings.
@@ -109,6 +95,8 @@ class RPOTrainer:
         accelerator: an ``accelerate.Accelerator`` to use; by default one is built from the config.
         callbacks: called as ``callback(event, payload)`` for ``"step"`` and ``"validation"`` events; a callback
             may raise to stop training (ComfyUI's interrupt does), the best model so far is still exported.
+        objective: the method's :class:`~rpo_diffusers.objectives.Objective`, for one built by hand (e.g.
+            ``DPGObjective(config, reward_fn=my_reward)``); by default ``config.method``'s.
     """
 
     def __init__(
@@ -119,10 +107,18 @@ class RPOTrainer:
         reference_images: Sequence[Any] | None = None,
         accelerator: Any | None = None,
         callbacks: Sequence[Callable[[str, dict[str, Any]], None]] = (),
+        objective: Objective | None = None,
     ) -> None:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.callbacks = list(callbacks)
+        if objective is not None and objective.name != config.method:
+            raise ValueError(
+                f"objective {type(objective).__name__} is method {objective.name!r} but config.method is "
+                f"{config.method!r}: set config.method={objective.name!r}."
+            )
+        # before any model loads: an objective checks its own inputs (e.g. DPG's reward model folder)
+        self.objective: Objective = objective or make_objective(config)
         if reference_images is None:
             if not config.instance_data_dir:
                 raise ValueError(
@@ -131,7 +127,7 @@ class RPOTrainer:
             reference_images = load_image_folder(config.instance_data_dir)
         self.reference_images = to_pil_images(list(reference_images))
         if not self.reference_images:
-            raise ValueError("reference_images is empty: RPO needs 3-6 photos of the subject.")
+            raise ValueError("reference_images is empty: personalization needs 3-6 photos of the subject.")
         self.accelerator = accelerator or self._build_accelerator()
         self.components = self._resolve_model(model)
         self.scorer = scorer if scorer is not None else self._load_scorer()
@@ -147,8 +143,6 @@ class RPOTrainer:
             "validation": 0.0,
             "export": 0.0,
         }
-        self._pairs_cache: dict[int, list[PreferencePair]] = {}
-        self._class_order_cache: dict[int, torch.Tensor] = {}
 
     # ---------------------------------------------------------------------------------------------
     # set-up
@@ -397,48 +391,38 @@ class RPOTrainer:
             ) from err
 
     # ---------------------------------------------------------------------------------------------
-    # phase 2: rewards, latents and embeddings, computed once
+    # phase 2: latents and embeddings, computed once
     # ---------------------------------------------------------------------------------------------
     def prepare_training_set(
         self,
-        generated: list[Image.Image],
-        prompt_indices: list[int],
+        generated: list[Image.Image] | None = None,
+        prompt_indices: list[int] | None = None,
         class_images: list[Image.Image] | None = None,
     ) -> TrainingSet:
-        """Rewards, latents and prompt embeddings of the training set (and of the class images, if given)."""
+        """Latents and prompt embeddings of the references, the generated images and the class images.
+
+        The scorer embeds the references here once (validation needs them, and RPO's labels).
+        """
         cfg = self.config
-        prompts = cfg.train_prompts
         self.scorer.set_reference_images(self.reference_images)
-        gen_rewards = self.scorer.score(
-            generated, [prompts[i] for i in prompt_indices], lambda_=cfg.lambda_train
-        ).reward
-        ref_rewards = torch.stack(
-            [
-                self.scorer.score(
-                    self.reference_images, [p] * len(self.reference_images), lambda_=cfg.lambda_train
-                ).reward
-                for p in prompts
-            ],
-            dim=1,
-        )
-        if self.is_main:
-            self._record_training_rewards(gen_rewards, ref_rewards)
         dev = self.accelerator.device
-        return TrainingSet(
+        data = TrainingSet(
             reference_latents=self.components.encode_images(
                 images_to_tensor(self.reference_images, cfg.resolution).to(dev)
             ).float(),
-            generated_latents=self.components.encode_images(
-                images_to_tensor(generated, cfg.resolution).to(dev)
-            ).float(),
             instance_embedding=self.components.encode_prompts([cfg.instance_prompt]),
-            prompt_embeddings=self.components.encode_prompts(prompts),
-            generated_prompt_indices=list(prompt_indices),
-            reference_rewards=ref_rewards.float().cpu(),
-            generated_rewards=gen_rewards.float().cpu(),
-            class_latents=None if not class_images else self._encode_in_batches(class_images),
-            class_embedding=None if not class_images else self.components.encode_prompts([cfg.class_prompt]),
         )
+        if generated:
+            data.generated_images = list(generated)
+            data.generated_prompt_indices = list(prompt_indices)
+            data.generated_latents = self.components.encode_images(
+                images_to_tensor(generated, cfg.resolution).to(dev)
+            ).float()
+            data.prompt_embeddings = self.components.encode_prompts(cfg.train_prompts)
+        if class_images:
+            data.class_latents = self._encode_in_batches(class_images)
+            data.class_embedding = self.components.encode_prompts([cfg.class_prompt])
+        return data
 
     def _encode_in_batches(self, images: list[Image.Image]) -> torch.Tensor:
         """VAE latents of many images, ``generation_batch_size`` at a time (100 class images at 512 px at once
@@ -454,7 +438,10 @@ class RPOTrainer:
             ]
         )
 
-    def _record_training_rewards(self, gen_rewards: torch.Tensor, ref_rewards: torch.Tensor) -> None:
+    def record_training_rewards(self, gen_rewards: torch.Tensor, ref_rewards: torch.Tensor) -> None:
+        """Write the training images' rewards into their manifest, beside the images (main process)."""
+        if not self.is_main:
+            return
         path = self.output_dir / TRAINING_IMAGES_DIR / "manifest.json"
         manifest = json.loads(path.read_text())
         for entry, r in zip(manifest["images"], gen_rewards.tolist()):
@@ -465,143 +452,24 @@ class RPOTrainer:
         tmp.write_text(json.dumps(manifest, indent=2))
         os.replace(tmp, path)
 
-    def pairs_for_epoch(self, data: TrainingSet, epoch: int) -> list[PreferencePair]:
-        if epoch not in self._pairs_cache:
-            self._pairs_cache = {
-                epoch: epoch_pairs(
-                    data.generated_prompt_indices,
-                    data.reference_rewards,
-                    data.generated_rewards,
-                    epoch,
-                    self.config.seed,
-                )
-            }
-        return self._pairs_cache[epoch]
-
-    def batch_pairs(self, data: TrainingSet, step: int, micro: int) -> list[PreferencePair]:
-        """The pairs of one micro-batch on this process: a pure function of (step, micro, rank)."""
-        cfg, acc = self.config, self.accelerator
-        n = len(data.generated_prompt_indices)
-        first = (
-            (step * cfg.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index
-        ) * cfg.train_batch_size
-        out = []
-        for k in range(first, first + cfg.train_batch_size):
-            out.append(self.pairs_for_epoch(data, k // n)[k % n])
-        return out
-
-    def class_batch_indices(self, data: TrainingSet, step: int, micro: int) -> torch.Tensor:
-        """Class images of one micro-batch on this process: each epoch visits all of them in a seeded order."""
-        cfg, acc = self.config, self.accelerator
-        if data.class_latents is None:
-            raise ValueError("No class images: train with with_prior_preservation=True.")
-        n = data.class_latents.shape[0]
-        first = (
-            (step * cfg.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index
-        ) * cfg.train_batch_size
-        out = []
-        for k in range(first, first + cfg.train_batch_size):
-            epoch = k // n
-            if epoch not in self._class_order_cache:
-                seed = (cfg.seed * 1_000_003 + 7 * epoch + 1) % (2**63)
-                self._class_order_cache = {
-                    epoch: torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-                }
-            out.append(int(self._class_order_cache[epoch][k % n]))
-        return torch.tensor(out)
-
     # ---------------------------------------------------------------------------------------------
-    # phase 3: the loss of one micro-batch
+    # phase 3: which samples one micro-batch sees
     # ---------------------------------------------------------------------------------------------
-    def compute_loss(
-        self,
-        model,
-        data: TrainingSet,
-        pairs: list[PreferencePair],
-        generator: torch.Generator,
-        class_indices: torch.Tensor | None = None,
-    ):
-        """L_sim + w_pref L_pref on a batch of (reference, generated) pairs, + w_prior L_prior with class images.
+    def sample_positions(self, step: int, micro: int) -> list[int]:
+        """Positions in the run's sample stream of one micro-batch on this process.
 
-        With prior preservation the class images join the same forward pass of the trained model (one forward
-        per step keeps DDP simple); the frozen reference model only sees the pairs. The class half draws its
-        timesteps and noise after the pairs', so the pairs see the same draws with or without it.
+        A pure function of (step, micro, rank): a resumed run and every rank agree without communication.
         """
-        cfg, dev = self.config, self.accelerator.device
-        sched = self.components.noise_scheduler
-        b = len(pairs)
-        ref_idx = torch.tensor([p.reference_index for p in pairs])
-        gen_idx = torch.tensor([p.generated_index for p in pairs])
-        prompt_idx = torch.tensor([p.prompt_index for p in pairs])
-        labels = torch.tensor([p.label for p in pairs], device=dev)
-        latents = torch.cat(
-            [
-                data.reference_latents[ref_idx.to(data.reference_latents.device)],
-                data.generated_latents[gen_idx.to(data.generated_latents.device)],
-            ]
-        ).to(dev)
-        cond = torch.cat(
-            [
-                data.instance_embedding.expand(b, -1, -1),
-                data.prompt_embeddings[prompt_idx.to(data.prompt_embeddings.device)],
-            ]
-        ).to(dev)
-        # Each half draws its own timesteps and noise.
-        noise = torch.randn(latents.shape, generator=generator).to(dev)
-        t = torch.randint(0, sched.config.num_train_timesteps, (2 * b,), generator=generator).to(dev)
-        noisy = sched.add_noise(latents, noise, t)
-        target = diffusion_target(sched, latents, noise, t)
-        prior = None
-        if data.class_latents is not None:
-            if class_indices is None:
-                class_indices = torch.arange(b) % data.class_latents.shape[0]
-            prior = self._class_batch(data, class_indices, generator)  # drawn after the pairs' noise
-        # w_prior > 0: the class rows join the trained model's one forward; w_prior = 0: L_prior is only
-        # logged, from a gradient-free forward, so training is exactly that of prior preservation off.
-        joint = prior is not None and cfg.prior_loss_weight > 0
-        rows = 2 * b
-        with self.accelerator.autocast():  # the frozen reference copy of a full fine-tune is not prepared
-            if joint:
-                pred = model(
-                    torch.cat([noisy, prior[0]]), torch.cat([t, prior[1]]), torch.cat([cond, prior[2]])
-                )
-            else:
-                pred = model(noisy, t, cond)
-            with torch.no_grad(), self.components.reference_denoiser() as reference:
-                ref_pred = reference(noisy, t, cond)
-            if prior is not None and not joint:
-                with torch.no_grad():
-                    class_pred = self.components.denoiser(*prior[:3])
-        err = denoising_error(pred[:rows].float(), target)
-        ref_err = denoising_error(ref_pred.float(), target)
-        loss, parts = rpo_loss(
-            err[:b],
-            ref_err[:b],
-            err[b:],
-            ref_err[b:],
-            labels,
-            beta=cfg.beta,
-            preference_weight=cfg.pref_loss_weight,
-        )
-        if prior is not None:
-            class_err = denoising_error((pred[rows:] if joint else class_pred).float(), prior[3])
-            loss, parts = add_prior_preservation_loss(loss, parts, class_err, cfg.prior_loss_weight)
-        return loss, parts
-
-    def _class_batch(self, data: TrainingSet, class_indices: torch.Tensor, generator: torch.Generator):
-        """Noisy class latents, their timesteps, the class prompt's conditioning and the target."""
-        dev, sched = self.accelerator.device, self.components.noise_scheduler
-        latents = data.class_latents[class_indices.to(data.class_latents.device)].to(dev)
-        noise = torch.randn(latents.shape, generator=generator).to(dev)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=generator).to(dev)
-        cond = data.class_embedding.expand(len(latents), -1, -1).to(dev)
-        return sched.add_noise(latents, noise, t), t, cond, diffusion_target(sched, latents, noise, t)
+        cfg, acc = self.config, self.accelerator
+        first = (
+            (step * cfg.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index
+        ) * cfg.train_batch_size
+        return list(range(first, first + cfg.train_batch_size))
 
     def _step_generator(self, step: int, micro: int) -> torch.Generator:
         acc = self.accelerator
         key = ((self.config.seed * 1_000_003 + step) * 1009 + micro) * 64 + acc.process_index
         return torch.Generator().manual_seed(key % (2**63))
-
     # ---------------------------------------------------------------------------------------------
     # phase 4: validation and selection
     # ---------------------------------------------------------------------------------------------
@@ -681,19 +549,25 @@ class RPOTrainer:
     # ---------------------------------------------------------------------------------------------
     # checkpoints (resumable state)
     # ---------------------------------------------------------------------------------------------
-    def _register_checkpoint_hooks(self) -> None:
+    def _register_checkpoint_hooks(self, prepared_denoiser) -> None:
+        """The denoiser's trained weights go to one safetensors file (LoRA: the adapters only); accelerate
+        saves the other prepared modules (an objective's critic) itself, in the order they were prepared."""
         acc = self.accelerator
         components = self.components
+
+        denoiser = acc.unwrap_model(prepared_denoiser)
+
+        def denoiser_index(models) -> int:
+            return next(i for i, m in enumerate(models) if acc.unwrap_model(m) is denoiser)
 
         def save_hook(models, weights, output_dir):
             if acc.is_main_process:
                 atomic_save_file(components.trainable_state_dict(), Path(output_dir) / TRAINABLE_FILE)
-            while weights:
-                weights.pop()
+            if weights:
+                weights.pop(denoiser_index(models))
 
         def load_hook(models, input_dir):
-            while models:
-                models.pop()
+            models.pop(denoiser_index(models))
             components.load_trainable_state_dict(load_safetensors_only(Path(input_dir) / TRAINABLE_FILE))
 
         acc.register_save_state_pre_hook(save_hook)
@@ -765,7 +639,7 @@ class RPOTrainer:
     # ---------------------------------------------------------------------------------------------
     # the loop
     # ---------------------------------------------------------------------------------------------
-    def train(self) -> RPOTrainingResult:
+    def train(self) -> TrainingResult:
         from diffusers.optimization import get_scheduler
         from tqdm.auto import tqdm
 
@@ -777,11 +651,14 @@ class RPOTrainer:
 
         set_seed(cfg.seed)
 
-        t0 = time.perf_counter()
-        generated, prompt_indices = self.generate_training_images()
-        self.timings["generation"] = time.perf_counter() - t0
+        objective = self.objective
+        generated, prompt_indices = None, None
+        if objective.needs_generated_images:
+            t0 = time.perf_counter()
+            generated, prompt_indices = self.generate_training_images()
+            self.timings["generation"] = time.perf_counter() - t0
         class_images = self.generate_class_images() if cfg.with_prior_preservation else None
-        data = self.prepare_training_set(generated, prompt_indices, class_images)
+        objective.setup(self, self.prepare_training_set(generated, prompt_indices, class_images))
 
         if cfg.use_lora:
             comp.add_lora(cfg.rank, cfg.lora_alpha, cfg.lora_target_modules)
@@ -805,7 +682,11 @@ class RPOTrainer:
             num_training_steps=cfg.max_train_steps * acc.num_processes,
         )
         model, optimizer, lr_scheduler = acc.prepare(comp.denoiser, optimizer, lr_scheduler)
-        self._register_checkpoint_hooks()
+        auxiliary = objective.auxiliary_parts()
+        for part in auxiliary:  # prepared after the denoiser: checkpoints keep them in this order
+            part.module, part.optimizer = acc.prepare(part.module, part.optimizer)
+        optimizers = [optimizer, *(part.optimizer for part in auxiliary)]
+        self._register_checkpoint_hooks(model)
         self._resume()
         if acc.is_main_process and cfg.report_to not in ("none", "", None) and acc.log_with:
             acc.init_trackers(
@@ -823,7 +704,7 @@ class RPOTrainer:
             bar = tqdm(
                 total=cfg.max_train_steps,
                 initial=self.global_step,
-                desc="RPO",
+                desc=objective.name.upper() if objective.name != "dreambooth" else "DreamBooth",
                 disable=not acc.is_main_process,
                 **_bar_pacing(),
             )
@@ -832,20 +713,13 @@ class RPOTrainer:
                 model.train()
                 logs: dict[str, float] = {}
                 for micro in range(cfg.gradient_accumulation_steps):
-                    with acc.accumulate(model):
-                        pairs = self.batch_pairs(data, self.global_step, micro)
-                        class_indices = (
-                            self.class_batch_indices(data, self.global_step, micro)
-                            if data.class_latents is not None
-                            else None
-                        )
-                        loss, parts = self.compute_loss(
-                            model,
-                            data,
-                            pairs,
-                            self._step_generator(self.global_step, micro),
-                            class_indices,
-                        )
+                    with acc.accumulate(model, *(part.module for part in auxiliary)):
+                        with acc.autocast():  # fp16/bf16: the frozen parts are half, the trained ones may not be
+                            loss, parts = objective.loss(
+                                model,
+                                self.sample_positions(self.global_step, micro),
+                                self._step_generator(self.global_step, micro),
+                            )
                         bad = acc.gather(
                             torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device)
                         ).sum()
@@ -855,11 +729,15 @@ class RPOTrainer:
                                 "(or use fp32 / bf16 instead of fp16); the best model so far was exported."
                             )
                         acc.backward(loss)
-                        if acc.sync_gradients:
-                            acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                        optimizer.step()
+                        if acc.sync_gradients:  # every trained part is clipped on its own
+                            acc.clip_grad_norm_(params, cfg.max_grad_norm)  # unscales every optimiser (fp16)
+                            for part in auxiliary:
+                                torch.nn.utils.clip_grad_norm_(part.module.parameters(), cfg.max_grad_norm)
+                        for opt in optimizers:
+                            opt.step()
                         lr_scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
+                        for opt in optimizers:
+                            opt.zero_grad(set_to_none=True)
                     for k, v in parts.items():
                         logs[k] = logs.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
                 self.global_step += 1
@@ -871,14 +749,7 @@ class RPOTrainer:
                     self.timings["training"] += time.perf_counter() - t_train
                     stopped_early = self._record_validation(self.validate(self.global_step))
                     t_train = time.perf_counter()
-                postfix = {
-                    "loss": logs["loss"],
-                    "sim": logs["loss_sim"],
-                    "pref": logs["loss_pref"],
-                    "acc": logs["implicit_acc"],
-                }
-                if "loss_prior" in logs:
-                    postfix["prior"] = logs["loss_prior"]
+                postfix = {_SHORT.get(k, k): logs[k] for k in (*objective.progress_keys, "loss_prior") if k in logs}
                 if self.history:
                     postfix["val"] = self.history[-1]["reward"]
                 bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()}, refresh=False)
@@ -894,7 +765,7 @@ class RPOTrainer:
             acc.end_training()
         if error is not None:
             raise error
-        return RPOTrainingResult(
+        return TrainingResult(
             best_step=self.best_step,
             best_reward=self.best_reward,
             history=self.history,
@@ -936,6 +807,7 @@ class RPOTrainer:
             "best_reward": self.best_reward,
             "global_step": self.global_step,
             "stopped_early": stopped_early,
+            **self.objective.summary(),
             "lambda_val": cfg.lambda_val,
             "early_stopping": cfg.early_stopping,
             "prior_preservation": self._prior_preservation_summary(),
@@ -975,3 +847,7 @@ class RPOTrainer:
         )
         self.components.load_trainable_state_dict(current)
         return files
+
+
+RPOTrainer = PersonalizationTrainer
+RPOTrainingResult = TrainingResult

@@ -124,10 +124,11 @@ def test_prior_loss_is_logged_and_weight_zero_trains_like_prior_off(
     for s in zero_steps + on_steps:
         assert math.isfinite(s["loss_prior"]) and s["loss_prior"] > 0
     # w_prior = 0: exactly the trajectory of prior preservation off (L_prior is only logged).
-    assert [s["loss_sim"] for s in zero_steps] == [s["loss_sim"] for s in off_steps]
+    assert [s["loss_sim"] for s in zero_steps] == pytest.approx([s["loss_sim"] for s in off_steps], rel=1e-6)
     assert [s["loss"] for s in zero_steps] == [s["loss_sim"] for s in zero_steps]
     off_w, zero_w, on_w = (t.components.trainable_state_dict() for t in (off, zero, on))
-    assert all(torch.equal(zero_w[name], off_w[name]) for name in off_w)
+    for name in off_w:  # two runs: equal up to the CPU kernels' last bits
+        torch.testing.assert_close(zero_w[name], off_w[name], atol=1e-6, rtol=1e-6)
     # w_prior = 1: L = L_sim + L_prior, and the weights go elsewhere.
     for s in on_steps:
         assert s["loss"] == pytest.approx(s["loss_sim"] + s["loss_prior"], rel=1e-5)
@@ -174,9 +175,12 @@ def test_class_batches_visit_every_class_image_each_epoch(tiny_sd_dir, tmp_path,
     data = trainer.prepare_training_set(*trainer.generate_training_images(), trainer.generate_class_images())
     assert data.class_latents.shape == (3, *data.reference_latents.shape[1:])
     assert data.class_embedding.shape[0] == 1
-    picked = [int(i) for step in range(6) for i in trainer.class_batch_indices(data, step, 0)]
+    trainer.objective.setup(trainer, data)
+    picked = [int(i) for s in range(6) for i in trainer.objective.class_indices(trainer.sample_positions(s, 0))]
     assert sorted(picked[:3]) == sorted(picked[3:]) == [0, 1, 2]
-    assert picked == [int(i) for step in range(6) for i in trainer.class_batch_indices(data, step, 0)]
+    assert picked == [
+        int(i) for s in range(6) for i in trainer.objective.class_indices(trainer.sample_positions(s, 0))
+    ]
 
 
 def test_bad_prior_settings_give_clear_errors(tiny_sd_dir, tmp_path, clip_scorer, references):

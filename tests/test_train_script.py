@@ -204,3 +204,50 @@ def test_prompt_without_identifier_is_rejected(tiny_sd_dir, tiny_scorer_dirs, in
         parse_args(args)
     config, script = parse_args(_args(tiny_sd_dir, tiny_scorer_dirs, instance_dir, tmp_path / "o"))
     assert config.instance_prompt == "a photo of sks dog" and not script.skip_unreadable_images
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_dpg_through_the_script(tiny_sd_dir, tiny_scorer_dirs, instance_dir, tmp_path, use_lora):
+    """`--method dpg`: no base-model training images, the critic checkpointed, the result loads."""
+    out = tmp_path / "dpg"
+    extra = ["--method", "dpg", "--checkpointing_steps", "2", "--with_prior_preservation",
+             "--num_class_images", "2", *(["--use_lora"] if use_lora else [])]  # fmt: skip
+    proc = _script(*_args(tiny_sd_dir, tiny_scorer_dirs, instance_dir, out, *extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = _history(out)
+    assert history["method"] == "dpg" and history["critic"] == "residual"
+    assert (out / "checkpoint-4" / "model.safetensors").exists(), "the critic is not in the checkpoint"
+    assert not (out / "training_images").exists()
+    from diffusers import StableDiffusionPipeline
+
+    from rpo_diffusers.export import LORA_DIFFUSERS_FILENAME
+
+    if use_lora:
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+        pipe.load_lora_weights(out, weight_name=LORA_DIFFUSERS_FILENAME)
+        assert pipe.get_active_adapters()
+    else:
+        assert StableDiffusionPipeline.from_pretrained(out).unet is not None
+
+
+@pytest.mark.slow
+def test_dpg_two_process_ranks_keep_one_critic(tiny_sd_dir, tiny_scorer_dirs, instance_dir, tmp_path):
+    """Two gloo ranks: the critic is prepared by accelerate, so both end with the same critic weights."""
+    from safetensors.torch import load_file
+
+    from rpo_diffusers.critic import LookForwardCritic
+
+    out = tmp_path / "dpg-ddp"
+    launcher = ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_local_port())]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+           str(REPO / "tests" / "scripts" / "dpg_ranks.py"), str(tiny_sd_dir), str(tiny_scorer_dirs["clip"]),
+           str(instance_dir), str(out)]  # fmt: skip
+    proc = _run(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [load_file(str(out / f"critic_rank{r}.safetensors")) for r in (0, 1)]
+    initial = LookForwardCritic((4, 16, 16), seed=0).state_dict()
+    for name, value in ranks[0].items():
+        assert (value - ranks[1][name]).abs().max() == 0, name  # one all-reduced critic, not two
+    assert any((ranks[0][k] - initial[k]).abs().max() > 0 for k in initial), "the critic never trained"

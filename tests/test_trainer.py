@@ -73,19 +73,20 @@ def test_pairs_tie_rewards_to_their_images_and_use_every_prompt(
     assert len(generated) == 16 and sorted(set(prompt_idx)) == list(range(8))
     manifest = json.loads((tmp_path / "out/training_images/manifest.json").read_text())
     assert [e["prompt"] for e in manifest["images"]] == [trainer.config.train_prompts[i] for i in prompt_idx]
-    data = trainer.prepare_training_set(generated, prompt_idx)
+    rpo = trainer.objective
+    rpo.setup(trainer, trainer.prepare_training_set(generated, prompt_idx))
     # The reward of a generated image is its own reward under its own prompt.
     direct = clip_scorer.score(
         generated, [trainer.config.train_prompts[i] for i in prompt_idx], lambda_=0.0
     ).reward
-    assert torch.allclose(data.generated_rewards, direct, atol=1e-6)
+    assert torch.allclose(rpo.generated_rewards, direct, atol=1e-6)
     seen_prompts, seen_images = set(), set()
     for step in range(16):
-        (pair,) = trainer.batch_pairs(data, step, 0)
+        (pair,) = rpo.pairs(trainer.sample_positions(step, 0))
         assert pair.prompt_index == prompt_idx[pair.generated_index]
-        assert pair.reward_generated == pytest.approx(float(data.generated_rewards[pair.generated_index]))
+        assert pair.reward_generated == pytest.approx(float(rpo.generated_rewards[pair.generated_index]))
         assert pair.reward_reference == pytest.approx(
-            float(data.reference_rewards[pair.reference_index, pair.prompt_index])
+            float(rpo.reference_rewards[pair.reference_index, pair.prompt_index])
         )
         seen_prompts.add(pair.prompt_index)
         seen_images.add(pair.generated_index)
@@ -100,15 +101,15 @@ def test_pairs_tie_rewards_to_their_images_and_use_every_prompt(
 
 def test_similarity_loss_goes_down_on_a_fixed_batch(tiny_sd_dir, tmp_path, clip_scorer, references):
     trainer = make_trainer(tiny_sd_dir, tmp_path, clip_scorer, references, learning_rate=2e-3)
-    data = trainer.prepare_training_set(*trainer.generate_training_images())
+    trainer.objective.setup(trainer, trainer.prepare_training_set(*trainer.generate_training_images()))
     comp = trainer.components
     comp.freeze_reference()
     params = comp.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=2e-3)
-    pairs = trainer.batch_pairs(data, 0, 0)
+    positions = trainer.sample_positions(0, 0)
     losses = []
     for _ in range(150):
-        loss, parts = trainer.compute_loss(comp.denoiser, data, pairs, torch.Generator().manual_seed(123))
+        loss, parts = trainer.objective.loss(comp.denoiser, positions, torch.Generator().manual_seed(123))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Personalize Stable Diffusion on a subject with Reward Preference Optimization (RPO).
+"""Personalize Stable Diffusion on a subject: RPO (default), DreamBooth or DPG, on one training loop.
 
     accelerate launch training_examples/train_rpo.py \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --instance_data_dir ./dog --class_noun dog --output_dir rpo-dog --use_lora
+    # --method dreambooth [--with_prior_preservation]   DreamBooth
+    # --method dpg --dpg_reward dino                    DPG with the DINO look-forward reward
 
 Argument names follow diffusers' ``train_dreambooth(_lora).py`` where the meaning is the same; every
 field of :class:`rpo_diffusers.RPOConfig` is an argument (``--help`` lists them). The result loads with
@@ -39,8 +41,17 @@ class ScriptArguments:
     )
 
 
+def _negated_flags_say_what_they_do(parser: HfArgumentParser) -> None:
+    """HfArgumentParser gives ``--no_X`` the help of ``--X``; say instead what the negation does."""
+    for action in parser._actions:
+        negated = [o for o in action.option_strings if o.startswith("--no_")]
+        if negated:
+            action.help = f"Set {negated[0].removeprefix('--no_')} to False (see --{negated[0].removeprefix('--no_')})."
+
+
 def parse_args(input_args: list[str] | None = None) -> tuple[RPOConfig, ScriptArguments]:
     parser = HfArgumentParser((RPOConfig, ScriptArguments), description=__doc__.split("\n\n")[0])
+    _negated_flags_say_what_they_do(parser)
     config, script = parser.parse_args_into_dataclasses(args=input_args)
     if not config.pretrained_model_name_or_path:
         parser.error(
@@ -50,7 +61,10 @@ def parse_args(input_args: list[str] | None = None) -> tuple[RPOConfig, ScriptAr
         parser.error("--instance_data_dir is required (a folder with 3-6 photos of the subject).")
     from rpo_diffusers.rewards import check_model_path
 
-    for flag in ("pretrained_model_name_or_path", "scorer_model_name_or_path"):
+    flags = ["pretrained_model_name_or_path", "scorer_model_name_or_path"]
+    if config.method == "dpg" and config.dpg_reward == "dino":
+        flags.append("dpg_reward_model")
+    for flag in flags:
         try:  # fail in a second, before loading anything
             check_model_path(getattr(config, flag))
         except FileNotFoundError as err:
