@@ -1,4 +1,4 @@
-"""rpo-diffusers: Reward Preference Optimization for subject-driven personalization of diffusion models."""
+"""rpo-diffusers: subject-driven personalization of diffusion models with RPO, DreamBooth and DPG on one loop."""
 
 from __future__ import annotations
 
@@ -11,9 +11,16 @@ __version__ = "0.1.0"
 _LAZY = {
     "lambda_harmonic": "rpo_diffusers.rewards",
     "LambdaHarmonicScorer": "rpo_diffusers.rewards",
+    "DinoReward": "rpo_diffusers.rewards",
     "RPOConfig": "rpo_diffusers.config",
+    "PersonalizationConfig": "rpo_diffusers.config",
     "RPOTrainer": "rpo_diffusers.trainer",
+    "PersonalizationTrainer": "rpo_diffusers.trainer",
     "RPOTrainingResult": "rpo_diffusers.trainer",
+    "TrainingResult": "rpo_diffusers.trainer",
+    "DPGObjective": "rpo_diffusers.objectives",
+    "DreamBoothObjective": "rpo_diffusers.objectives",
+    "RPOObjective": "rpo_diffusers.objectives",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -28,6 +35,7 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import RPOConfig
-    from .rewards import LambdaHarmonicScorer, lambda_harmonic
-    from .trainer import RPOTrainer, RPOTrainingResult
+    from .config import PersonalizationConfig, RPOConfig
+    from .objectives import DPGObjective, DreamBoothObjective, RPOObjective
+    from .rewards import DinoReward, LambdaHarmonicScorer, lambda_harmonic
+    from .trainer import PersonalizationTrainer, RPOTrainer, RPOTrainingResult, TrainingResult
