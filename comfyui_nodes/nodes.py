@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io, ui
 
+from rpo_diffusers.objectives import METHODS
 from rpo_diffusers.prompts import DEFAULT_IDENTIFIER, check_prompts_have_identifier, training_prompts
 from rpo_diffusers.rewards import check_lambda
 
@@ -258,7 +259,8 @@ class RPOTrain(io.ComfyNode):
             node_id="RPOTrain",
             display_name="RPO Train (personalize)",
             category="RPO",
-            description="Reward Preference Optimization on 3-6 photos of a subject. Saves a LoRA to models/loras "
+            description="Personalize on 3-6 photos of a subject with RPO (default), DreamBooth or DPG; validation "
+            "with the scorer picks the best step. Saves a LoRA to models/loras "
             "(or a UNet to models/diffusion_models) and returns the personalized MODEL.",
             inputs=[
                 io.Model.Input("model"),
@@ -287,6 +289,22 @@ class RPOTrain(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=8),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
                 io.String.Input("output_name", default="rpo_subject"),
+                io.Combo.Input(
+                    "method",
+                    options=list(METHODS),
+                    default="rpo",
+                    optional=True,
+                    tooltip="rpo: reward preference optimization; dreambooth: the denoising loss on the photos; "
+                    "dpg: DreamBooth + a look-forward reward learned by a critic",
+                ),
+                io.Combo.Input(
+                    "dpg_reward",
+                    options=["latent", "lambda_harmonic"],
+                    default="latent",
+                    optional=True,
+                    tooltip="dpg only: the look-forward reward (latent reconstruction, or the scorer's λ-harmonic "
+                    "reward on the decoded image)",
+                ),
                 *more_reference_inputs(),
             ],
             outputs=[
@@ -334,6 +352,8 @@ class RPOTrain(io.ComfyNode):
         resolution,
         seed,
         output_name,
+        method="rpo",
+        dpg_reward="latent",
         reference_images_2=None,
         reference_images_3=None,
     ) -> io.NodeOutput:
@@ -355,6 +375,8 @@ class RPOTrain(io.ComfyNode):
         target = model_folder("loras" if use_lora else "diffusion_models") / file_name
         work_dir = Path(folder_paths.get_output_directory()) / "rpo" / Path(file_name).stem
         config = RPOConfig(
+            method=method,
+            dpg_reward=dpg_reward,
             class_noun=class_noun.strip(),
             identifier=identifier.strip(),
             train_prompts=prompts,

@@ -336,6 +336,13 @@ def save_lora_model(
 # --------------------------------------------------------------------------------------------------
 
 
+METHOD_CARD_TEXT = {
+    "rpo": ("RPO", "Reward Preference Optimization (Miao et al., NeurIPS 2024)"),
+    "dreambooth": ("DreamBooth", "DreamBooth (Ruiz et al., CVPR 2023)"),
+    "dpg": ("DPG", "DPG, look-forward reward with a learned critic (Wei et al., ECCV 2024)"),
+}
+
+
 def write_model_card(
     output_dir: str | os.PathLike,
     *,
@@ -348,14 +355,20 @@ def write_model_card(
     repo_id: str | None = None,
     best_step: int | None = None,
     best_reward: float | None = None,
+    method: str = "rpo",
+    reward: str | None = None,
 ) -> Path:
-    """A diffusers-style ``README.md`` with YAML metadata, usage, settings and the validation history."""
+    """A diffusers-style ``README.md`` with YAML metadata, usage, settings and the validation history.
+
+    ``method`` ("rpo", "dreambooth", "dpg") and ``reward`` (what trained the model) go into the tags and the text.
+    """
     tags = [
         "text-to-image",
         "diffusers",
         "stable-diffusion",
-        "rpo",
+        *(["rpo"] if method == "rpo" else []),
         "dreambooth",
+        *(["dpg"] if method == "dpg" else []),
         "lora" if lora else "full-finetune",
     ]
     meta_lines = [
@@ -399,12 +412,13 @@ def write_model_card(
         else ""
     )
     samples = "\n".join(f"![sample]({s})" for s in (sample_images or []))
+    method_text = METHOD_CARD_TEXT.get(method, (method, method))
+    trained_by = f" Reward: {reward}." if reward else ""
     body = f"""
-# RPO personalization of {base_model}
+# {method_text[0]} personalization of {base_model}
 
-Trained with [rpo-diffusers](https://github.com/rpo-diffusers/rpo-diffusers): Reward Preference Optimization
-(Miao et al., NeurIPS 2024), {"LoRA" if lora else "full UNet"} fine-tuning. The subject is called with
-`{instance_prompt}`.
+Trained with [rpo-diffusers](https://github.com/rpo-diffusers/rpo-diffusers): {method_text[1]},
+{"LoRA" if lora else "full UNet"} fine-tuning.{trained_by} The subject is called with `{instance_prompt}`.
 {best}
 ## How to use
 

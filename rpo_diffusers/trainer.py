@@ -816,7 +816,12 @@ class PersonalizationTrainer:
         }
         (self.output_dir / HISTORY_FILE).write_text(json.dumps(summary, indent=2))
         steps = [h["step"] for h in self.history]
-        reward_plot(steps, [h["reward"] for h in self.history], self.best_step).save(
+        reward_plot(
+            steps,
+            [h["reward"] for h in self.history],
+            self.best_step,
+            title=f"validation reward (λ-harmonic), method {cfg.method}",
+        ).save(
             self.output_dir / PLOT_FILE
         )
         samples = []
@@ -841,6 +846,8 @@ class PersonalizationTrainer:
             sample_images=samples,
             best_step=self.best_step,
             best_reward=self.best_reward,
+            method=cfg.method,
+            reward=self.objective.summary().get("reward"),
         )
         files.update(
             {"history": str(self.output_dir / HISTORY_FILE), "plot": str(self.output_dir / PLOT_FILE)}

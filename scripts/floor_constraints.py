@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 KEEP = {"torch": "torch==2.13.0"}  # the local CPU wheel; an older torch would pull CUDA builds

@@ -387,3 +387,17 @@ def test_stand_ins_have_the_real_signatures():
     real = signatures(os.environ.get("COMFYUI_PYTHON", "python"), COMFYUI_PATH)
     stub = signatures(sys.executable, str(REPO / "tests" / "comfy_stubs"))
     assert stub == real
+
+
+@pytest.mark.parametrize("dpg_reward", ["latent", "lambda_harmonic"])
+def test_dpg_training_in_the_node_then_sample_with_the_trained_model(comfy, dpg_reward):
+    """method=dpg on the same node: the critic trains through ComfyUI's MODEL/VAE, the LoRA loads, KSampler runs."""
+    server, base = comfy
+    workflow = _tiny(json.loads((WORKFLOWS / "rpo_train_then_sample_api.json").read_text()))
+    train = next(n for n in workflow.values() if n["class_type"] == "RPOTrain")
+    train["inputs"].update(method="dpg", dpg_reward=dpg_reward, output_name=f"dpg_{dpg_reward}")
+    entry = server.run(workflow)
+    assert (base / f"models/loras/dpg_{dpg_reward}.safetensors").exists()
+    history = json.loads((base / f"output/rpo/dpg_{dpg_reward}/rpo_history.json").read_text())
+    assert history["method"] == "dpg" and history["critic"] == "residual"
+    assert entry["outputs"]["14"]["images"], "KSampler produced no image from the DPG-trained MODEL"

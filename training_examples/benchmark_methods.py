@@ -14,6 +14,10 @@ Methods (each trains from the same base model with the same seed; see METHODS):
   pref_no_es        L_sim + L_pref, the last step (RPO without early stopping)
   es_no_pref        L_sim only, the best validation step at λ_val 0.5 (early stopping without L_pref)
   rpo_lambda0.3/0.5/0.7   RPO: L_sim + L_pref, the best validation step at that λ_val
+  dpg_latent        DPG: L_sim + the look-forward latent reconstruction reward through the critic, the last step
+  dpg_image         DPG with the image-feature reward (the paper's DINO reward) of --dpg_reward_model, which is
+                    never the evaluation DINO (toy world: the scorer's image tower), the last step
+  dpg_lambda        DPG with the λ-harmonic reward of the scorer on the look-forward image, the last step
 
 Validation (what early stopping sees) uses the training prompts; evaluation uses each subject's held-out
 prompts, with the same seeds for every method. Columns: DINO, CLIP-I, CLIP-T (evaluation encoders, never the
@@ -65,6 +69,16 @@ METHODS: tuple[Method, ...] = (
     Method("rpo_lambda0.3", "RPO λ_val 0.3", {"lambda_val": 0.3}),
     Method("rpo_lambda0.5", "RPO λ_val 0.5", {"lambda_val": 0.5}),
     Method("rpo_lambda0.7", "RPO λ_val 0.7", {"lambda_val": 0.7}),
+    # DPG (DreamBooth + a look-forward reward through a critic), a fixed number of steps as its paper trains
+    Method("dpg_latent", "DPG look forward", {"method": "dpg", "dpg_reward": "latent", "early_stopping": False}),
+    Method(
+        "dpg_image", "DPG image-feature reward", {"method": "dpg", "dpg_reward": "dino", "early_stopping": False}
+    ),
+    Method(
+        "dpg_lambda",
+        "DPG λ-harmonic reward",
+        {"method": "dpg", "dpg_reward": "lambda_harmonic", "early_stopping": False},
+    ),
 )
 METRICS = ("dino", "clip_i", "clip_t", "lambda_harmonic", "identity_acc", "context_acc", "wall_s")
 
@@ -124,6 +138,8 @@ def run_config(args: argparse.Namespace, subject: BenchSubject, method: Method, 
         output_dir=str(run_dir), report_to="none", seed=args.seed,
     )  # fmt: skip
     settings.update(method.overrides or {})
+    if settings.get("dpg_reward") == "dino":
+        settings["dpg_reward_model"] = args.dpg_reward_model
     if settings.get("with_prior_preservation"):
         settings["num_class_images"] = args.num_class_images
     return RPOConfig(**settings)
@@ -262,6 +278,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scorer", default=None, help="λ-harmonic dual encoder (default: the toy world's)")
     p.add_argument("--dino", default=None, help="DINO ViT for evaluation (default: the toy world's)")
     p.add_argument("--clip", default=None, help="CLIP for evaluation (default: the toy world's)")
+    p.add_argument(
+        "--dpg_reward_model",
+        default=None,
+        help="image model of dpg_image's reward; never the evaluation DINO (default: facebook/dino-vits16, "
+        "on the toy world the scorer's image tower)",
+    )
     p.add_argument("--identifier", default="sks")
     p.add_argument("--max_train_steps", type=int, default=400)
     p.add_argument("--validation_steps", type=int, default=40)
@@ -293,6 +315,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.toy:
         args.model = args.model or str(asset_path("sd"))
         args.scorer = args.scorer or str(asset_path("scorer"))
+        args.dpg_reward_model = args.dpg_reward_model or args.scorer
         args.dino = args.dino or str(asset_path("dino_eval"))
         args.clip = args.clip or str(asset_path("clip_eval"))
         args.classifier = str(asset_path("classifier"))
@@ -302,6 +325,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.learning_rate is None and not args.use_lora:
             args.learning_rate = 1e-4  # the 1M-parameter toy UNet needs more than SD's 5e-6
     else:
+        args.dpg_reward_model = args.dpg_reward_model or "facebook/dino-vits16"
         missing = [k for k in ("model", "scorer", "dino", "clip") if getattr(args, k) is None]
         if missing:
             p.error(f"with --dreambench_dir, also give --{' --'.join(missing)} (hub ids or local folders)")

@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Seconds per RPO training step, peak memory and per-phase wall time, full UNet vs LoRA.
+"""Seconds per training step, peak memory and per-phase wall time, full UNet vs LoRA, for any method.
+
+    python training_examples/benchmark_trainer.py --method dpg --dpg_reward dino    # DPG's cost beside RPO's
 
     python training_examples/benchmark_trainer.py                                   # tiny pipeline, CPU
     python training_examples/benchmark_trainer.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -74,7 +76,8 @@ def run_one(args: argparse.Namespace) -> dict:
         images_per_prompt=args.images_per_prompt, num_validation_images=1, max_train_steps=args.steps,
         validation_steps=args.steps, use_lora=args.mode == "lora", mixed_precision=args.mixed_precision,
         generation_batch_size=args.generation_batch_size, gradient_checkpointing=args.gradient_checkpointing,
-        report_to="none",
+        report_to="none", method=args.method, dpg_reward=args.dpg_reward, dpg_critic=args.dpg_critic,
+        dpg_reward_model=args.dpg_reward_model,
     )  # fmt: skip
     step_times: list[float] = []
 
@@ -146,7 +149,8 @@ def _error_line(lines: list[str]) -> str:
 def _child_command(args: argparse.Namespace, mode: str, output_dir: Path) -> list[str]:
     cmd = [sys.executable, __file__, "--mode", mode, "--output_dir", str(output_dir)]
     for k in ("model", "scorer", "resolution", "steps", "sampling_steps", "images_per_prompt", "mixed_precision",
-              "num_threads", "generation_batch_size"):  # fmt: skip
+              "num_threads", "generation_batch_size", "method", "dpg_reward", "dpg_critic",
+              "dpg_reward_model"):  # fmt: skip
         cmd += [f"--{k}", str(getattr(args, k))]
     flags = ("gradient_checkpointing", "autocast")
     return cmd + [f"--{f}" for f in flags if getattr(args, f)]
@@ -195,6 +199,12 @@ def build_models(args: argparse.Namespace, root: Path) -> None:
                 from rpo_diffusers.testing.tiny_scorers import build_tiny_scorer
 
                 build_tiny_scorer(args.scorer, "clip")
+    if args.dpg_reward_model is None:  # DPG's DINO reward: a tiny ViT, never downloaded
+        args.dpg_reward_model = str(root / "vit")
+        if not (Path(args.dpg_reward_model) / "config.json").exists():
+            from rpo_diffusers.testing.tiny_scorers import build_tiny_vit
+
+            build_tiny_vit(args.dpg_reward_model, image_size=args.resolution)
 
 
 def environment_line() -> str:
@@ -251,6 +261,10 @@ def main(argv: list[str] | None = None) -> None:
         "--workdir", default=None, help="where built models go (reused if there); default: a temp dir"
     )
     parser.add_argument("--mixed_precision", default="no")
+    parser.add_argument("--method", default="rpo", choices=("rpo", "dreambooth", "dpg"))
+    parser.add_argument("--dpg_reward", default="latent", choices=("latent", "dino", "lambda_harmonic"))
+    parser.add_argument("--dpg_critic", default="residual", choices=("residual", "latent", "none"))
+    parser.add_argument("--dpg_reward_model", default=None, help="ViT of the DINO reward; default: a tiny one")
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads; 0 = torch's default")
     parser.add_argument("--modes", nargs="+", choices=["full", "lora"], default=["full", "lora"])
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -268,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = [run_mode(args, mode, runs / mode) for mode in args.modes]
     first = next((r for r in rows if "error" not in r), rows[0])
-    print(f"model={args.model} resolution={args.resolution} steps={args.steps} sampling_steps={args.sampling_steps} "
+    print(f"method={args.method} dpg_reward={args.dpg_reward} dpg_critic={args.dpg_critic} model={args.model} resolution={args.resolution} steps={args.steps} sampling_steps={args.sampling_steps} "
           f"images_per_prompt={args.images_per_prompt} generation_batch_size={args.generation_batch_size} "
           f"mixed_precision={args.mixed_precision} gradient_checkpointing={args.gradient_checkpointing} "
           f"autocast_workaround={args.autocast} "
