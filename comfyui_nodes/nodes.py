@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from comfy_api.latest import io, ui
+from PIL import Image
 
 from rpo_diffusers.objectives import METHODS
 from rpo_diffusers.prompts import DEFAULT_IDENTIFIER, check_prompts_have_identifier, training_prompts
@@ -252,6 +253,21 @@ def check_train_inputs(
     return prompts or None
 
 
+def preview_grid(work_dir: Path, best_step: int, references) -> Image.Image:
+    """What the node shows: the labelled before/after grid (step 0 vs the chosen step), else the chosen
+    step's validation grid, else the references with a header saying there was no validation."""
+    from rpo_diffusers.plots import labeled_grid
+
+    for path in (work_dir / "before_after.png", work_dir / "validation" / f"step_{best_step:05d}.png"):
+        if path.exists():
+            return Image.open(path).convert("RGB")
+    return labeled_grid(
+        [list(references)],
+        col_labels=[f"reference {i + 1}" for i in range(len(references))],
+        title="reference photos (no validation images were written)",
+    )
+
+
 class RPOTrain(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -362,7 +378,6 @@ class RPOTrain(io.ComfyNode):
         import folder_paths
 
         from rpo_diffusers.config import RPOConfig
-        from rpo_diffusers.data import make_image_grid
         from rpo_diffusers.trainer import RPOTrainer
 
         from .adapter import ComfyComponents, check_supported_model
@@ -416,10 +431,7 @@ class RPOTrain(io.ComfyNode):
             trainer = RPOTrainer(config, components, scorer, refs, callbacks=[on_event])
             result = trainer.train()
         patched = load_trained_model(model, target, use_lora)
-        from PIL import Image
-
-        grid_path = work_dir / "validation" / f"step_{result.best_step:05d}.png"
-        grid = Image.open(grid_path).convert("RGB") if grid_path.exists() else make_image_grid(refs, rows=1)
+        grid = preview_grid(work_dir, result.best_step, refs)
         plot = Image.open(work_dir / "reward_plot.png").convert("RGB")
         text = f"saved {file_name} (best step {result.best_step}, validation reward {result.best_reward:.4f})"
         return io.NodeOutput(

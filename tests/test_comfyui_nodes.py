@@ -34,6 +34,7 @@ from comfyui_nodes.nodes import (  # noqa: E402
     RPOSelectBest,
     RPOTrain,
     check_train_inputs,
+    preview_grid,
     top_k,
 )
 
@@ -270,3 +271,17 @@ def test_repository_root_init_exposes_the_entrypoint_only_when_loaded_as_a_packa
         assert ids == [n.define_schema().node_id for n in NODES]
     finally:
         sys.modules.pop(spec.name, None)
+
+
+def test_train_preview_prefers_the_labelled_before_after_grid(tmp_path):
+    """The node shows before_after.png when the run wrote it; with no validation images, the references under
+    a header that says so (never an unlabelled strip)."""
+    from PIL import Image
+
+    refs = [Image.new("RGB", (32, 32), (0, 90, 200)) for _ in range(3)]
+    fallback = preview_grid(tmp_path, 0, refs)
+    assert fallback.width >= 3 * 192 and fallback.height > 192  # upscaled cells plus a title and headers
+    header = np.asarray(fallback.convert("L"))[:40]
+    assert (header < 200).sum() > 100  # the title is drawn
+    Image.new("RGB", (100, 60), "red").save(tmp_path / "before_after.png")
+    assert preview_grid(tmp_path, 0, refs).size == (100, 60)
