@@ -95,17 +95,16 @@ def reward_plot(
     return _figure_to_image(fig)
 
 
-def scatter_plot(
+def scatter_figure(
     points: Sequence[tuple[float, float, str]],
     *,
     title: str,
     xlabel: str,
     ylabel: str,
+    errors: Sequence[tuple[float, float] | None] | None = None,
     size: tuple[int, int] = (800, 600),
-    xlim: tuple[float, float] | None = None,
-    ylim: tuple[float, float] | None = None,
-) -> Image.Image:
-    """Labelled scatter (one ``(x, y, label)`` per point), e.g. the benchmark's identity-vs-context trade-off."""
+):
+    """The matplotlib ``Figure`` behind :func:`scatter_plot` (tests read its text artists)."""
     from matplotlib.figure import Figure
 
     dpi = 100
@@ -115,15 +114,32 @@ def scatter_plot(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, color="#dddddd", linewidth=0.8)
-    colors = [f"C{i % 10}" for i in range(len(points))]
-    for (x, y, label), color in zip(points, colors):
-        ax.scatter([x], [y], s=60, color=color, zorder=3)
-        ax.annotate(label, (x, y), xytext=(6, 4), textcoords="offset points", fontsize=9)
-    if xlim:
-        ax.set_xlim(*xlim)
-    if ylim:
-        ax.set_ylim(*ylim)
-    return _figure_to_image(fig)
+    for i, (x, y, label) in enumerate(points):
+        color, marker = f"C{i % 10}", "osD^v"[(i // 10) % 5]  # past 10 points the marker tells them apart
+        err = errors[i] if errors is not None else None
+        if err is not None:
+            ax.errorbar([x], [y], xerr=[err[0]], yerr=[err[1]], color=color, alpha=0.25, lw=0.8, zorder=2)
+        ax.scatter([x], [y], s=60, color=color, marker=marker, zorder=3)
+        ax.annotate(label, (x, y), xytext=(6, 4), textcoords="offset points", fontsize=9, color=color)
+    if not points:
+        ax.text(0.5, 0.5, "no results", transform=ax.transAxes, ha="center", va="center", color="gray")
+    return fig
+
+
+def scatter_plot(
+    points: Sequence[tuple[float, float, str]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    errors: Sequence[tuple[float, float] | None] | None = None,
+    size: tuple[int, int] = (800, 600),
+) -> Image.Image:
+    """Labelled scatter, one ``(x, y, label)`` per point with optional ``(x_err, y_err)`` bars: e.g. the
+    benchmark's identity-against-context trade-off, one point per method."""
+    return _figure_to_image(
+        scatter_figure(points, title=title, xlabel=xlabel, ylabel=ylabel, errors=errors, size=size)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,8 +229,12 @@ def labeled_grid(
     if captions is not None and len(captions) != n_rows:
         raise ValueError(f"Got {len(captions)} caption rows for {n_rows} rows.")
 
-    title_font, header_font = font(20, bold=True), font(16, bold=True)
-    label_font, caption_font = font(14), font(13)
+    # 20 / 16 / 14 / 13 px at the default 192 px cells, a little smaller for small cells
+    title_font, header_font = font(20, bold=True), font(max(12, min(16, cell_size // 12)), bold=True)
+    label_font, caption_font = (
+        font(max(12, min(14, cell_size // 13))),
+        font(max(11, min(13, cell_size // 14))),
+    )
     label_w = max(150, cell_size) if row_labels else 0
     label_lines = [_wrap(t, label_font, label_w - 2 * PAD) for t in row_labels or []]
     header_lines = [_wrap(t, header_font, cell_size) for t in col_labels or []]
@@ -307,4 +327,12 @@ def before_after_grid(
     )
 
 
-__all__ = ["before_after_grid", "font", "labeled_grid", "reward_figure", "reward_plot", "scatter_plot"]
+__all__ = [
+    "before_after_grid",
+    "font",
+    "labeled_grid",
+    "reward_figure",
+    "reward_plot",
+    "scatter_figure",
+    "scatter_plot",
+]

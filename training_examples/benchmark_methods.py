@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from rpo_diffusers.config import RPOConfig
 from rpo_diffusers.data import load_image_folder, make_image_grid
@@ -209,55 +209,56 @@ def format_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def ascii_label(label: str) -> str:
-    """PIL's default font has no λ."""
-    return label.replace("λ_val", "lambda").replace("λ", "lambda")
+AXIS_LABELS = {
+    "identity_acc": "identity accuracy (the image shows the subject)",
+    "context_acc": "context accuracy (the image shows the prompt's context)",
+    "dino": "DINO (subject fidelity)",
+    "clip_i": "CLIP-I (subject fidelity)",
+    "clip_t": "CLIP-T (prompt fidelity)",
+}
 
 
-def tradeoff_plot(summary: list[dict[str, Any]], x_key: str, y_key: str, size=(640, 480)) -> Image.Image:
-    """Scatter of the methods' means: subject fidelity (x) against prompt fidelity (y)."""
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    points = [
-        (ascii_label(s["label"]), s[x_key][0], s[y_key][0]) for s in summary if s.get(x_key) and s.get(y_key)
-    ]
-    label_room = max((draw.textlength(p[0]) for p in points), default=0) + 12  # labels stay inside the image
-    left, right, top, bottom = 70, size[0] - max(30, int(label_room)), 30, size[1] - 50
-    draw.rectangle((left, top, right, bottom), outline="black")
-    draw.text((left, 8), f"{y_key} against {x_key} (mean over subjects)", fill="black")
-    if not points:
-        return img
-    xs, ys = [p[1] for p in points], [p[2] for p in points]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    x0, x1 = (x0 - 0.05, x1 + 0.05) if x1 - x0 < 1e-6 else (x0 - 0.1 * (x1 - x0), x1 + 0.1 * (x1 - x0))
-    y0, y1 = (y0 - 0.05, y1 + 0.05) if y1 - y0 < 1e-6 else (y0 - 0.1 * (y1 - y0), y1 + 0.1 * (y1 - y0))
-    for frac in (0.0, 0.5, 1.0):
-        draw.text(
-            (left + frac * (right - left) - 12, bottom + 6), f"{x0 + frac * (x1 - x0):.2f}", fill="black"
-        )
-        draw.text((8, bottom - frac * (bottom - top) - 6), f"{y0 + frac * (y1 - y0):.2f}", fill="black")
-    draw.text(((left + right) // 2 - 30, bottom + 26), x_key, fill="black")
-    for label, x, y in points:
-        px = left + (x - x0) / (x1 - x0) * (right - left)
-        py = bottom - (y - y0) / (y1 - y0) * (bottom - top)
-        color = (220, 30, 30) if label.startswith("RPO") else (30, 90, 200)
-        draw.ellipse((px - 4, py - 4, px + 4, py + 4), fill=color)
-        draw.text((px + 6, py - 6), label, fill=color)
-    return img
+def tradeoff_plot(summary: list[dict[str, Any]], x_key: str, y_key: str, size=(800, 600)) -> Image.Image:
+    """Scatter of the methods' means over subjects: subject fidelity (x) against prompt fidelity (y), one
+    labelled point per method (the spread over subjects is in the table; as bars it hid the labels)."""
+    from rpo_diffusers.plots import scatter_plot
+
+    shown = [s for s in summary if s.get(x_key) and s.get(y_key)]
+    return scatter_plot(
+        [(s[x_key][0], s[y_key][0], s["label"]) for s in shown],
+        title=f"{y_key} against {x_key} (mean over {max((s['subjects'] for s in shown), default=0)} subjects)",
+        xlabel=AXIS_LABELS.get(x_key, x_key),
+        ylabel=AXIS_LABELS.get(y_key, y_key),
+        size=size,
+    )
 
 
-def labelled_grid(rows: list[tuple[str, list[Image.Image]]], cell: int = 64) -> Image.Image:
-    """One row of images per method, its name on the left."""
-    label_w = 150
-    cols = max(len(ims) for _, ims in rows)
-    grid = Image.new("RGB", (label_w + cols * cell, len(rows) * cell), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (label, ims) in enumerate(rows):
-        draw.text((4, r * cell + cell // 2 - 6), ascii_label(label), fill="black")
-        for c, im in enumerate(ims):
-            grid.paste(im.convert("RGB").resize((cell, cell)), (label_w + c * cell, r * cell))
-    return grid
+def subject_grid(
+    subject: str, rows: list[tuple[str, list[Image.Image]]], prompts: Sequence[str], cell: int = 128
+) -> Image.Image:
+    """One row per method (its name and numbers on the left), one column per held-out prompt."""
+    from rpo_diffusers.plots import labeled_grid
+
+    n = max(len(ims) for _, ims in rows)
+    return labeled_grid(
+        [ims for _, ims in rows],
+        row_labels=[label for label, _ in rows],
+        col_labels=list(prompts)[:n],
+        title=f"{subject}: the first held-out image per prompt, per method (same seeds)",
+        cell_size=cell,
+    )
+
+
+def row_label(label: str, row: dict[str, Any] | None, toy: bool) -> str:
+    """A method's name plus the subject's numbers for it, so the grid reads without the table."""
+    if not row:
+        return label
+    keys = ("identity_acc", "context_acc") if toy else ("dino", "clip_t")
+    numbers = ", ".join(
+        f"{k.replace('_acc', '')} {float(row[k]):.2f}" for k in keys if row.get(k) is not None
+    )
+    step = f", step {row['best_step']}" if row.get("best_step") is not None else ""
+    return f"{label}\n{numbers}{step}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,15 +423,18 @@ def main(argv=None) -> int:
     methods = [m for m in METHODS if any(r["method"] == m.name for r in rows)]
     for subject in subjects:  # one grid per subject: references, then a row per method, one image per prompt
         grid_rows = [("references", subject.references[: len(subject.eval_prompts)])]
+        by_method = {r["method"]: r for r in rows if r["subject"] == subject.name}
         for m in methods:
             path = out / "runs" / subject.name / f"{m.name}.png"
             if path.exists():
                 strip = Image.open(path).convert("RGB")
                 w = strip.width // len(subject.eval_prompts)
-                grid_rows.append((m.label, [strip.crop((i * w, 0, (i + 1) * w, strip.height))
-                                            for i in range(len(subject.eval_prompts))]))  # fmt: skip
+                grid_rows.append((row_label(m.label, by_method.get(m.name), args.toy),
+                                  [strip.crop((i * w, 0, (i + 1) * w, strip.height))
+                                   for i in range(len(subject.eval_prompts))]))  # fmt: skip
         (out / "grids").mkdir(exist_ok=True)
-        labelled_grid(grid_rows).save(out / "grids" / f"{subject.name}.png")
+        grid = subject_grid(subject.name, grid_rows, subject.eval_prompts)
+        grid.save(out / "grids" / f"{subject.name}.png")
     summary = summarize(rows, methods)
     table = format_table(summary)
     print("\n" + table)
