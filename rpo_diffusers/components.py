@@ -24,16 +24,23 @@ from torch import nn
 class Denoiser(nn.Module):
     """Uniform call signature ``denoiser(noisy_latents, timesteps, conditioning) -> prediction``.
 
-    Wrapping the UNet lets accelerate prepare (DDP-wrap) one module whatever the backend is.
+    Wrapping the UNet lets accelerate prepare (DDP-wrap) one module whatever the backend is. When the text
+    encoder trains it becomes part of this module (``text_encoder``) and ``conditioning`` is token ids, so
+    one DDP wrapper, one optimiser and one checkpoint file cover both.
     """
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.unet = unet
+        self.text_encoder = text_encoder
 
     def forward(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor
     ) -> torch.Tensor:
+        if not conditioning.is_floating_point():  # token ids: the trained text encoder embeds them
+            if self.text_encoder is None:
+                raise ValueError("Token ids as conditioning need a trained text encoder (train_text_encoder).")
+            conditioning = self.text_encoder(conditioning.to(noisy_latents.device))[0]
         # a half-precision frozen base (LoRA) takes half inputs; autocast does the rest
         dtype = self.unet.dtype
         return self.unet(
@@ -90,6 +97,16 @@ class DiffusionComponents(ABC):
     def reference_denoiser(self) -> Iterator[nn.Module]:
         """The frozen base model as a denoiser (LoRA: the same UNet with adapters disabled)."""
 
+    supports_text_encoder_training: bool = False
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids of the prompts, the conditioning the denoiser embeds itself when the text encoder trains."""
+        raise NotImplementedError(f"{type(self).__name__} cannot train the text encoder.")
+
+    def train_text_encoder(self, lora: bool, rank: int, alpha: float, target_modules: Sequence[str]) -> None:
+        """Make the text encoder trainable (full, or LoRA adapters on ``target_modules``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot train the text encoder.")
+
     def freeze_reference(self) -> None:
         """Keep the current (base) weights as the reference model; called once before training or resuming.
 
@@ -136,6 +153,22 @@ class DiffusionComponents(ABC):
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
+def add_text_encoder_lora(text_encoder: nn.Module, rank: int, alpha: float, target_modules: Sequence[str]) -> None:
+    """LoRA adapters on a transformers text encoder, trainable in fp32, everything else frozen.
+
+    peft is called directly: transformers 5's ``add_adapter()`` asks for a peft release newer than PyPI has.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    text_encoder.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
+    inject_adapter_in_model(config, text_encoder, adapter_name="default")
+    text_encoder.peft_config = {"default": config}  # what get_peft_model_state_dict reads
+    for p in text_encoder.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
 def _sampling_scheduler(pipeline, name: str | None):
     if not name:
         return pipeline.scheduler
@@ -151,6 +184,8 @@ def _sampling_scheduler(pipeline, name: str | None):
 
 class DiffusersComponents(DiffusionComponents):
     """Adapter over a diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x, ε- or v-prediction)."""
+
+    supports_text_encoder_training = True
 
     def __init__(
         self, pipeline, sampling_scheduler: str | None = None, weight_dtype: torch.dtype = torch.float32
@@ -275,6 +310,26 @@ class DiffusersComponents(DiffusionComponents):
         self.is_lora = True
         self.lora_rank, self.lora_alpha, self.lora_targets = rank, alpha, list(target_modules)
 
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        tok = self.pipeline.tokenizer
+        ids = tok(
+            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return ids.to(self.device)
+
+    def train_text_encoder(self, lora: bool, rank: int, alpha: float, target_modules: Sequence[str]) -> None:
+        text_encoder = self.pipeline.text_encoder
+        if lora:
+            add_text_encoder_lora(text_encoder, rank, alpha, target_modules)
+        else:
+            text_encoder.requires_grad_(True)
+        text_encoder.train()
+        self.denoiser.text_encoder = text_encoder  # the same object the pipeline samples with
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.denoiser.text_encoder is not None
+
     @contextmanager
     def reference_denoiser(self) -> Iterator[nn.Module]:
         if self.is_lora:
@@ -297,5 +352,8 @@ class DiffusersComponents(DiffusionComponents):
 
         out = Path(output_dir)
         if self.is_lora:
-            return export.save_lora_model(self.pipeline, self.unet, out, lora_alpha=self.lora_alpha)
+            text_encoder = self.pipeline.text_encoder if self.trains_text_encoder else None
+            return export.save_lora_model(
+                self.pipeline, self.unet, out, lora_alpha=self.lora_alpha, text_encoder=text_encoder
+            )
         return export.save_full_model(self.pipeline, out, unet=self.unet)

@@ -26,6 +26,7 @@ from .prompts import (
 from .rewards import check_lambda
 
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+DEFAULT_TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # diffusers' DreamBooth LoRA
 CLASS_IMAGES_DIR = "class_images"
 
 
@@ -186,6 +187,17 @@ class RPOConfig:
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         metadata={"help": "UNet modules that get LoRA adapters."},
+    )
+    train_text_encoder: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the text encoder too (DreamBooth and DPG, as diffusers' DreamBooth scripts; DPG's paper "
+            "does): fully, or with LoRA adapters on text_encoder_lora_target_modules when use_lora. RPO keeps it frozen."
+        },
+    )
+    text_encoder_lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TEXT_ENCODER_LORA_TARGETS),
+        metadata={"help": "Text-encoder modules that get LoRA adapters with train_text_encoder and use_lora."},
     )
     # --- sampling (training images and validation) -------------------------------------------------
     resolution: int = field(default=512, metadata={"help": "Training and sampling resolution (pixels)."})

@@ -286,14 +286,51 @@ def lora_metadata(rank: int, alpha: float, target_modules: Sequence[str]) -> dic
     }
 
 
+def text_encoder_lora_state_dict(text_encoder) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's PEFT LoRA weights under real SD checkpoints' module paths.
+
+    transformers 5 flattens ``CLIPTextModel`` (no ``text_model.``); ComfyUI's ``lora_te_text_model_*`` mapping and
+    older diffusers / transformers expect the prefix, and diffusers strips it again where the model has none.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    return {
+        (k if k.startswith("text_model.") else f"text_model.{k}"): v
+        for k, v in get_peft_model_state_dict(text_encoder).items()
+    }
+
+
+PORTABLE_LORA_FIELDS = (
+    "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "bias", "use_dora", "init_lora_weights",
+)  # fmt: skip
+
+
+def portable_adapter_metadata(config) -> dict[str, Any]:
+    """The LoraConfig fields diffusers rebuilds the adapter from, and no more.
+
+    ``LoraConfig.to_dict()`` of a new peft lists fields an older peft rejects (``LoraConfig(**metadata)`` fails
+    in diffusers' loader), so a LoRA saved with peft 0.21 would not load with peft 0.15.
+    """
+    meta = {k: v for k, v in config.to_dict().items() if k in PORTABLE_LORA_FIELDS}
+    meta["lora_alpha"] = float(config.lora_alpha)
+    if isinstance(meta.get("target_modules"), set):
+        meta["target_modules"] = sorted(meta["target_modules"])
+    return meta
+
+
 def save_lora_model(
     pipeline,
     unet,
     output_dir: str | os.PathLike,
     lora_alpha: float | None = None,
     kohya_dtype: torch.dtype = torch.float16,
+    text_encoder=None,
 ) -> dict[str, str]:
-    """``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out)``) + a kohya file for ComfyUI/A1111."""
+    """``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out)``) + a kohya file for ComfyUI/A1111.
+
+    With ``text_encoder`` (carrying LoRA adapters) its LoRA goes into both files too: diffusers'
+    ``text_encoder.*`` keys, and kohya's ``lora_te_*`` keys that ComfyUI's LoraLoader applies to CLIP.
+    """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -313,21 +350,32 @@ def save_lora_model(
         if not isinstance(config.target_modules, str)
         else [config.target_modules]
     )
+    kohya = peft_to_kohya_state_dict(peft_sd, alpha, dtype=kohya_dtype)
+    text_kwargs: dict[str, Any] = {}
+    if text_encoder is not None:
+        text_config = text_encoder.peft_config["default"]
+        text_sd = text_encoder_lora_state_dict(text_encoder)
+        if not text_sd:
+            raise ValueError("The text encoder has no LoRA adapters to save.")
+        text_meta = portable_adapter_metadata(text_config)
+        text_kwargs = {
+            "text_encoder_lora_layers": convert_state_dict_to_diffusers(text_sd),
+            "text_encoder_lora_adapter_metadata": text_meta,
+        }
+        kohya.update(
+            peft_to_kohya_state_dict(text_sd, float(text_config.lora_alpha), prefix="lora_te", dtype=kohya_dtype)
+        )
     out = Path(output_dir)
     with atomic_output_dir(out, merge=True) as tmp:
-        adapter_meta = config.to_dict()
-        adapter_meta["lora_alpha"] = alpha
+        adapter_meta = portable_adapter_metadata(config)
         StableDiffusionPipeline.save_lora_weights(
             save_directory=tmp,
             unet_lora_layers=convert_state_dict_to_diffusers(peft_sd),
             safe_serialization=True,
             unet_lora_adapter_metadata=adapter_meta,
+            **text_kwargs,
         )
-        atomic_save_file(
-            peft_to_kohya_state_dict(peft_sd, alpha, dtype=kohya_dtype),
-            tmp / LORA_KOHYA_FILENAME,
-            metadata=lora_metadata(config.r, alpha, targets),
-        )
+        atomic_save_file(kohya, tmp / LORA_KOHYA_FILENAME, metadata=lora_metadata(config.r, alpha, targets))
     return {"lora": str(out / LORA_DIFFUSERS_FILENAME), "kohya": str(out / LORA_KOHYA_FILENAME)}
 
 

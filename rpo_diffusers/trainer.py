@@ -130,6 +130,11 @@ class PersonalizationTrainer:
             raise ValueError("reference_images is empty: personalization needs 3-6 photos of the subject.")
         self.accelerator = accelerator or self._build_accelerator()
         self.components = self._resolve_model(model)
+        if config.train_text_encoder and not self.components.supports_text_encoder_training:
+            raise ValueError(
+                f"train_text_encoder needs a diffusers pipeline (train_rpo.py or the Python API); "
+                f"{type(self.components).__name__} cannot train its text encoder yet."
+            )
         self.scorer = scorer if scorer is not None else self._load_scorer()
         self.history: list[dict[str, Any]] = []
         self.best_step, self.best_reward = -1, -math.inf
@@ -410,7 +415,7 @@ class PersonalizationTrainer:
             reference_latents=self.components.encode_images(
                 images_to_tensor(self.reference_images, cfg.resolution).to(dev)
             ).float(),
-            instance_embedding=self.components.encode_prompts([cfg.instance_prompt]),
+            instance_embedding=self._conditioning([cfg.instance_prompt]),
         )
         if generated:
             data.generated_images = list(generated)
@@ -421,8 +426,14 @@ class PersonalizationTrainer:
             data.prompt_embeddings = self.components.encode_prompts(cfg.train_prompts)
         if class_images:
             data.class_latents = self._encode_in_batches(class_images)
-            data.class_embedding = self.components.encode_prompts([cfg.class_prompt])
+            data.class_embedding = self._conditioning([cfg.class_prompt])
         return data
+
+    def _conditioning(self, prompts: list[str]) -> torch.Tensor:
+        """Cached embeddings, or token ids when the text encoder trains (the denoiser then embeds them)."""
+        if self.config.train_text_encoder:
+            return self.components.tokenize(prompts)
+        return self.components.encode_prompts(prompts)
 
     def _encode_in_batches(self, images: list[Image.Image]) -> torch.Tensor:
         """VAE latents of many images, ``generation_batch_size`` at a time (100 class images at 512 px at once
@@ -662,6 +673,8 @@ class PersonalizationTrainer:
 
         if cfg.use_lora:
             comp.add_lora(cfg.rank, cfg.lora_alpha, cfg.lora_target_modules)
+        if cfg.train_text_encoder:
+            comp.train_text_encoder(cfg.use_lora, cfg.rank, cfg.lora_alpha, cfg.text_encoder_lora_target_modules)
         comp.freeze_reference()  # before resuming: the reference is the base model, never a checkpoint
         if cfg.gradient_checkpointing:
             comp.enable_gradient_checkpointing()

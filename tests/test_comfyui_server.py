@@ -401,3 +401,28 @@ def test_dpg_training_in_the_node_then_sample_with_the_trained_model(comfy, dpg_
     history = json.loads((base / f"output/rpo/dpg_{dpg_reward}/rpo_history.json").read_text())
     assert history["method"] == "dpg" and history["critic"] == "residual"
     assert entry["outputs"]["14"]["images"], "KSampler produced no image from the DPG-trained MODEL"
+
+
+def test_text_encoder_lora_keys_all_load_in_lora_loader(comfy):
+    """A text-encoder LoRA on SD 1.5's CLIP-L (12 layers, 768 wide; random weights), converted as the export does:
+    ComfyUI's LoraLoader maps every lora_te_* key onto CLIP (no "lora key not loaded")."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from rpo_diffusers.components import add_text_encoder_lora
+    from rpo_diffusers.config import DEFAULT_TEXT_ENCODER_LORA_TARGETS
+    from rpo_diffusers.export import peft_to_kohya_state_dict, text_encoder_lora_state_dict
+
+    server, base = comfy
+    clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                          num_attention_heads=12, projection_dim=768))  # fmt: skip
+    add_text_encoder_lora(clip_l, 4, 8.0, DEFAULT_TEXT_ENCODER_LORA_TARGETS)
+    kohya = peft_to_kohya_state_dict(text_encoder_lora_state_dict(clip_l), 8.0, prefix="lora_te")
+    assert len(kohya) == 12 * 4 * 3  # 12 layers x q/k/v/out x (down, up, alpha)
+    save_file(kohya, str(base / "models/loras/te_only.safetensors"))
+    workflow = _tiny(json.loads((WORKFLOWS / "rpo_generate_score_select_api.json").read_text()))
+    workflow["2"]["inputs"].update(lora_name="te_only.safetensors", strength_model=0.0)
+    log_before = server.log_path.read_text()
+    server.run(workflow)
+    new_log = server.log_path.read_text()[len(log_before) :]
+    assert "lora key not loaded" not in new_log, new_log[-2000:]

@@ -34,7 +34,7 @@ class TrainingSet:
     """
 
     reference_latents: torch.Tensor  # [R, C, h, w]
-    instance_embedding: torch.Tensor  # [1, L, D]
+    instance_embedding: torch.Tensor  # [1, L, D], or token ids [1, L] when the text encoder trains
     generated_latents: torch.Tensor | None = None  # [N, C, h, w]
     prompt_embeddings: torch.Tensor | None = None  # [P, L, D]: the training prompts
     generated_prompt_indices: list[int] = field(default_factory=list)
@@ -66,6 +66,11 @@ class AuxiliaryPart:
     name: str
     module: nn.Module
     optimizer: torch.optim.Optimizer
+
+
+def repeat_rows(conditioning: torch.Tensor, n: int) -> torch.Tensor:
+    """One prompt's conditioning for ``n`` rows: embeddings ``[1, L, D]`` or token ids ``[1, L]``."""
+    return conditioning.expand(n, *conditioning.shape[1:])
 
 
 def epoch_order(n: int, epoch: int, seed: int, salt: int) -> torch.Tensor:
@@ -172,7 +177,7 @@ class Objective(ABC):
         idx = self.class_indices(positions)
         latents = self.data.class_latents[idx.to(self.data.class_latents.device)]
         noisy, t, target = self.noisy(latents, generator)
-        cond = self.data.class_embedding.expand(len(latents), -1, -1).to(self.device)
+        cond = repeat_rows(self.data.class_embedding, len(latents)).to(self.device)
         return noisy, t, cond, target
 
     def denoise_with_prior(

@@ -24,6 +24,14 @@ class RPOObjective(Objective):
     needs_generated_images = True
     progress_keys = ("loss", "loss_sim", "loss_pref", "implicit_acc")
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        if config.train_text_encoder:
+            raise ValueError(
+                "train_text_encoder is for method 'dreambooth' or 'dpg': RPO keeps the text encoder frozen (its "
+                "reference model shares it). Drop train_text_encoder, or pick another method."
+            )
+
     def setup(self, ctx: LoopContext, data: TrainingSet) -> None:
         """The λ_train reward of every generated image under its prompt and of every reference under every
         prompt: what the Bradley-Terry labels are drawn from."""
