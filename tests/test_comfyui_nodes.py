@@ -59,6 +59,9 @@ def test_entrypoint_lists_every_node_with_valid_schemas():
         and "a sks dog on the Moon" in train["training_prompts"].options["default"]
     )
     assert [o.io_type for o in RPOTrain.define_schema().outputs] == ["MODEL", "STRING", "IMAGE", "IMAGE"]
+    # the method is a choice on the same node; optional, so workflows saved before it still run as RPO
+    assert train["method"].optional and train["method"].options["options"] == ["rpo", "dreambooth", "dpg"]
+    assert train["method"].options["default"] == "rpo" and train["dpg_reward"].optional
 
 
 def test_image_conversions_round_trip_and_batches_of_different_sizes():

@@ -280,7 +280,8 @@ def test_pip_installed_pack_loads_from_a_one_line_file(tmp_path):
     try:
         info = server.get("/object_info")
         assert {"RPOScorerLoader", "RPOScore", "RPOSelectBest", "RPOTrain"} <= set(info)
-        assert info["RPOTrain"]["input"]["optional"].keys() == {"reference_images_2", "reference_images_3"}
+        optional = {"reference_images_2", "reference_images_3", "method", "dpg_reward"}
+        assert info["RPOTrain"]["input"]["optional"].keys() == optional
     finally:
         server.close()
 
