@@ -391,6 +391,76 @@ METHOD_CARD_TEXT = {
 }
 
 
+def hub_base_model(base_model: str | os.PathLike | None) -> str | None:
+    """The Hub id of the base model, or ``None`` when it is a local folder (or unknown).
+
+    The Hub rejects a path as ``base_model`` metadata, and a path on the trainer's disk means nothing to
+    the card's readers; an existing folder, a bundled short name (``toy-sd``) or anything that is not
+    ``org/name`` is not an id.
+    """
+    import re
+
+    if base_model is None:
+        return None
+    text = os.fspath(base_model)
+    if text in ("", "unknown") or os.path.exists(os.path.expanduser(text)):
+        return None
+    return text if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) else None
+
+
+def _is_toy_model(base_model: str | os.PathLike | None) -> bool:
+    """The bundled toy Stable Diffusion (by path or short name): its card says so and shows its settings."""
+    if base_model is None:
+        return False
+    text = os.fspath(base_model)
+    if text == "toy-sd":
+        return True
+    try:
+        from .toy.models import ASSETS_DIR
+
+        return Path(text).expanduser().resolve() == (ASSETS_DIR / "sd").resolve()
+    except OSError:
+        return False
+
+
+def _usage_snippet(
+    name: str, base_id: str | None, toy: bool, lora: bool, instance_prompt: str, config: Mapping[str, Any]
+) -> str:
+    """How to load the result: the toy model plainly on a CPU; a real one in half precision on a GPU with a
+    float32 CPU fallback (fp16 is not what a CPU runs)."""
+    imports = "from diffusers import StableDiffusionPipeline\n"
+    call = f'image = pipe("{instance_prompt} on the beach").images[0]'
+    if toy:
+        res = int(config.get("resolution") or 32)
+        steps = config.get("num_inference_steps")
+        extra = f", num_inference_steps={int(steps)}" if steps else ""
+        call = f'image = pipe("{instance_prompt} on the beach", height={res}, width={res}{extra}).images[0]'
+        if lora:
+            load = (
+                "from rpo_diffusers.toy import asset_path\n\n"
+                'pipe = StableDiffusionPipeline.from_pretrained(asset_path("sd"))  # the bundled toy model, CPU\n'
+                f'pipe.load_lora_weights("{name}")\n'
+            )
+        else:
+            load = f'pipe = StableDiffusionPipeline.from_pretrained("{name}")  # a tiny toy model: CPU, float32\n'
+        return f"```python\n{imports}{'' if lora else chr(10)}{load}{call}\n```"
+    device = (
+        "import torch\n" + imports + "\n"
+        'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
+        'dtype = torch.float16 if device == "cuda" else torch.float32  # half precision on a GPU; a CPU needs float32\n'
+    )
+    if lora:
+        base = base_id or "path/to/the/base/model"
+        comment = "" if base_id else "  # the Stable Diffusion this LoRA was trained on"
+        load = (
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=dtype).to(device){comment}\n'
+            f'pipe.load_lora_weights("{name}")\n'
+        )
+    else:
+        load = f'pipe = StableDiffusionPipeline.from_pretrained("{name}", torch_dtype=dtype).to(device)\n'
+    return f"```python\n{device}{load}{call}\n```"
+
+
 def write_model_card(
     output_dir: str | os.PathLike,
     *,
@@ -419,9 +489,11 @@ def write_model_card(
         *(["dpg"] if method == "dpg" else []),
         "lora" if lora else "full-finetune",
     ]
+    base_id = hub_base_model(base_model)
+    toy = _is_toy_model(base_model)
     meta_lines = [
         "---",
-        f"base_model: {json.dumps(base_model)}",
+        *([f"base_model: {json.dumps(base_id)}"] if base_id else []),
         "library_name: diffusers",
         "license: creativeml-openrail-m",
         f"instance_prompt: {json.dumps(instance_prompt)}",
@@ -431,21 +503,20 @@ def write_model_card(
         "---",
     ]
     name = repo_id or "path/to/this/folder"
+    snippet = _usage_snippet(name, base_id, toy, lora, instance_prompt, config)
     if lora:
-        usage = (
-            "```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n\n"
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")\n'
-            f'pipe.load_lora_weights("{name}")\n'
-            f'image = pipe("{instance_prompt} on the beach").images[0]\n```\n\n'
-            f"ComfyUI / A1111: copy `{LORA_KOHYA_FILENAME}` to `models/loras` and use LoraLoader."
-        )
+        usage = f"{snippet}\n\nComfyUI / A1111: copy `{LORA_KOHYA_FILENAME}` to `models/loras` and use LoraLoader."
     else:
-        usage = (
-            "```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n\n"
-            f'pipe = StableDiffusionPipeline.from_pretrained("{name}", torch_dtype=torch.float16).to("cuda")\n'
-            f'image = pipe("{instance_prompt} on the beach").images[0]\n```\n\n'
-            f"ComfyUI: copy `{FULL_UNET_FILENAME}` to `models/diffusion_models` and use UNETLoader."
+        usage = f"{snippet}\n\nComfyUI: copy `{FULL_UNET_FILENAME}` to `models/diffusion_models` and use UNETLoader."
+    base_name = (
+        base_id
+        or ("the bundled toy Stable Diffusion (rpo-diffusers `toy-sd`)" if toy else None)
+        or (
+            f"a local model (`{Path(os.fspath(base_model)).name}`)"
+            if base_model and base_model != "unknown"
+            else "a Stable Diffusion model"
         )
+    )
     settings = "\n".join(
         f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |" for k, v in config.items()
     )
@@ -463,7 +534,7 @@ def write_model_card(
     method_text = METHOD_CARD_TEXT.get(method, (method, method))
     trained_by = f" Reward: {reward}." if reward else ""
     body = f"""
-# {method_text[0]} personalization of {base_model}
+# {method_text[0]} personalization of {base_name}
 
 Trained with [rpo-diffusers](https://github.com/rpo-diffusers/rpo-diffusers): {method_text[1]},
 {"LoRA" if lora else "full UNet"} fine-tuning.{trained_by} The subject is called with `{instance_prompt}`.
