@@ -6,6 +6,10 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+from .quiet import silence_processor_fallback
+
+silence_processor_fallback()  # before anything imports diffusers' pipelines (see quiet.py)
+
 # Lazy attribute access keeps `import rpo_diffusers` fast and lets light modules (prompts, losses)
 # be used without importing diffusers/transformers.
 _LAZY = {

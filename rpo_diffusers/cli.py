@@ -15,6 +15,27 @@ from pathlib import Path
 from .data import list_image_files, load_image, load_image_folder
 from .prompts import DEFAULT_IDENTIFIER
 
+DEFAULT_SCORER = "kakaobrain/align-base"
+DEFAULT_DINO = (
+    "facebook/dino-vits16"  # = metrics.DEFAULT_DINO / DEFAULT_CLIP; not imported, so --help is fast
+)
+DEFAULT_CLIP = "openai/clip-vit-base-patch16"
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help when it has a real default (not None / False) that the
+    help does not state already; argparse's own formatter also prints "(default: None)" everywhere."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            action.default in (None, False, argparse.SUPPRESS)
+            or "default" in text
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
 
 def _print_table(rows: list[dict], columns: Sequence[str], file=None) -> None:
     file = file or sys.stdout
@@ -37,6 +58,9 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from .hub import resolve_model
+
+    model = resolve_model(args.model, "scorer")  # an unreachable hub id fails before torch even loads
     from .rewards import LambdaHarmonicScorer
 
     refs = load_image_folder(args.references)
@@ -46,7 +70,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             f"No images found in {args.images!r}: put the images to score there (PNG, JPEG, WebP, ...)."
         )
     scorer = LambdaHarmonicScorer.from_pretrained(
-        args.model,
+        model,
         lambda_=args.lambda_,
         device=args.device,
         batch_size=args.batch_size,
@@ -89,6 +113,9 @@ def _prompt_folders(subject_dir: Path) -> dict[str, list[Path]]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from .hub import resolve_model
+
+    dino, clip = resolve_model(args.dino_model, "DINO model"), resolve_model(args.clip_model, "CLIP model")
     from .metrics import DreamBenchEvaluator, mean_scores
 
     images_root, refs_root = Path(args.images), Path(args.references)
@@ -100,7 +127,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"No subject folders found in {str(images_root)!r}: expected IMAGES/<subject>/<prompt>/*.png."
         )
     evaluator = DreamBenchEvaluator.from_pretrained(
-        dino=args.dino_model, clip=args.clip_model, identifier=args.identifier, device=args.device
+        dino=dino, clip=clip, identifier=args.identifier, device=args.device
     )
     results, baselines = [], []
     for subject in tqdm(subjects, desc="subjects"):
@@ -144,40 +171,71 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rpo-diffusers", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("score", help="λ-harmonic reward of a folder of images against reference photos")
+    fmt = DefaultsHelpFormatter  # --help shows every default
+    p = sub.add_parser(
+        "score", help="λ-harmonic reward of a folder of images against reference photos", formatter_class=fmt
+    )
     p.add_argument("--references", required=True, help="folder with the subject's reference photos")
     p.add_argument("--images", required=True, help="folder with the images to score")
     p.add_argument("--prompt", required=True, help='prompt with the identifier, e.g. "a sks dog on the Moon"')
-    p.add_argument("--lambda", dest="lambda_", type=float, default=0.5, help="λ in [0, 1] (default 0.5)")
+    p.add_argument("--lambda", dest="lambda_", type=float, default=0.5, help="λ in [0, 1]")
     p.add_argument(
-        "--model", default="kakaobrain/align-base", help="ALIGN/CLIP/SigLIP hub id or local folder"
+        "--model",
+        "--scorer",
+        dest="model",
+        default=DEFAULT_SCORER,
+        help="ALIGN/CLIP/SigLIP: hub id, local folder, or 'toy-scorer' (the bundled stand-in)",
     )
     p.add_argument(
         "--identifier", default=DEFAULT_IDENTIFIER, help="identifier token removed before the text tower"
     )
-    p.add_argument("--device", default=None)
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
+    p.add_argument("--batch_size", type=int, default=16, help="images per forward pass")
     p.add_argument("--output", default=None, help="optional JSON file for the table")
     p.set_defaults(func=cmd_score)
 
-    e = sub.add_parser("evaluate", help="DreamBench DINO / CLIP-I / CLIP-T of generated images")
+    e = sub.add_parser(
+        "evaluate", help="DreamBench DINO / CLIP-I / CLIP-T of generated images", formatter_class=fmt
+    )
     e.add_argument(
         "--images", required=True, help="IMAGES/<subject>/<prompt>/*.png (prompt.txt overrides the name)"
     )
     e.add_argument(
         "--references", required=True, help="REFS/<subject>/*.jpg, e.g. the DreamBench dataset folder"
     )
-    e.add_argument("--subjects", nargs="*", default=None, help="only these subjects")
-    e.add_argument("--dino_model", default="facebook/dino-vits16")
-    e.add_argument("--clip_model", default="openai/clip-vit-base-patch16")
-    e.add_argument("--identifier", default=DEFAULT_IDENTIFIER)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--subjects", nargs="*", default=None, help="only these subjects (default: all)")
+    e.add_argument(
+        "--dino_model",
+        "--dino",
+        dest="dino_model",
+        default=DEFAULT_DINO,
+        help="DINO ViT: hub id, local folder, or 'toy-dino' (the bundled stand-in)",
+    )
+    e.add_argument(
+        "--clip_model",
+        "--clip",
+        dest="clip_model",
+        default=DEFAULT_CLIP,
+        help="CLIP for CLIP-I / CLIP-T: hub id, local folder, or 'toy-clip' (the bundled stand-in)",
+    )
+    e.add_argument("--identifier", default=DEFAULT_IDENTIFIER, help="identifier token removed from prompts")
+    e.add_argument("--device", default="cpu", help="e.g. cuda, cpu")
     e.add_argument("--output_dir", default=None, help="where to write JSON and CSV (default: --images)")
     e.set_defaults(func=cmd_evaluate)
 
-    d = sub.add_parser("demo", help="run RPO on the bundled default subject and models (no download)")
+    d = sub.add_parser(
+        "demo", help="run RPO on the bundled default subject and models (no download)", formatter_class=fmt
+    )
     add_demo_arguments(d)
     return parser
+
+
+def _is_project_error(err: BaseException) -> bool:
+    """Errors whose message is the whole story: a missing path or model, a bad value, or any error class
+    the project defines (ModelNotAvailableError, ExportError, ...). Anything else keeps its traceback."""
+    return isinstance(err, (FileNotFoundError, NotADirectoryError, ValueError)) or type(
+        err
+    ).__module__.startswith("rpo_diffusers.")
 
 
 def _quiet_loading_bars() -> None:
@@ -195,8 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_loading_bars()
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        if not _is_project_error(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)  # what we raise says what to do: one line, no traceback
         return 2
 
 

@@ -29,9 +29,16 @@ def load_result_pipeline(
     base model itself."""
     from diffusers import StableDiffusionPipeline
 
+    from .hub import load_pretrained, pipeline_dtype_kwargs
+
     full = output_dir is not None and not use_lora
-    pipe = StableDiffusionPipeline.from_pretrained(output_dir if full else base_model, torch_dtype=dtype,
-                                                   safety_checker=None)  # fmt: skip
+    pipe = load_pretrained(
+        StableDiffusionPipeline.from_pretrained,
+        output_dir if full else base_model,
+        kind="base model",
+        safety_checker=None,
+        **pipeline_dtype_kwargs(dtype),
+    )
     if output_dir is not None and use_lora:
         # the file named: diffusers < 0.40 (the newest that installs beside transformers 4) refuses a local
         # folder without weight_name when HF_HUB_OFFLINE is set

@@ -97,18 +97,23 @@ class DreamBenchEvaluator:
         """Hub ids or local folders for the two models (same code path)."""
         from transformers import AutoImageProcessor, AutoModel, AutoProcessor
 
-        dino_path, clip_path = check_model_path(dino), check_model_path(clip)
-        dino_model = AutoModel.from_pretrained(dino_path, add_pooling_layer=False)
-        clip_model = AutoModel.from_pretrained(clip_path)
+        from .hub import load_pretrained
+
+        # both checked before either loads: a missing CLIP fails in a second, not after DINO's download
+        dino_path, clip_path = check_model_path(dino, "DINO model"), check_model_path(clip, "CLIP model")
+        dino_model = load_pretrained(
+            AutoModel.from_pretrained, dino_path, kind="DINO model", add_pooling_layer=False
+        )
+        clip_model = load_pretrained(AutoModel.from_pretrained, clip_path, kind="CLIP model")
         if not hasattr(clip_model, "get_image_features"):
             raise ValueError(
                 f"{clip_path!r} is a {type(clip_model).__name__}, not a CLIP-style dual encoder."
             )
         return cls(
             dino_model,
-            AutoImageProcessor.from_pretrained(dino_path),
+            load_pretrained(AutoImageProcessor.from_pretrained, dino_path, kind="DINO model"),
             clip_model,
-            AutoProcessor.from_pretrained(clip_path),
+            load_pretrained(AutoProcessor.from_pretrained, clip_path, kind="CLIP model"),
             **kwargs,
         )
 

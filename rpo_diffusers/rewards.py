@@ -103,39 +103,33 @@ def model_output_features(output: Any) -> torch.Tensor:
     return pooled
 
 
-def check_model_path(name_or_path: str | os.PathLike) -> str:
-    """Fail early, naming the path, when a local-looking model path does not exist.
+def check_model_path(name_or_path: str | os.PathLike, kind: str | None = None) -> str:
+    """The path or Hub id to load, or a one-line error now instead of a long traceback later.
 
-    A hub id (``org/name``) is passed through unchanged; a string that exists, starts with ``.``, ``/`` or
-    ``~``, or has more than one separator is treated as a local path.
+    Bundled short names (``toy-sd``, ``toy-scorer``, ``toy-dino``, ``toy-clip``) become the toy world's
+    folders; a local-looking path that does not exist fails naming it; a Hub id that is not cached fails
+    at once when the Hub cannot be reached (offline mode, no network). ``kind`` ("base model", "scorer",
+    "DINO model", "CLIP model") picks the bundled model the message suggests. See ``rpo_diffusers.hub``.
     """
-    text = os.fspath(name_or_path)
-    expanded = os.path.expanduser(text)
-    if os.path.exists(expanded):
-        return expanded
-    looks_local = (
-        text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text or text.count("/") == 0
-    )
-    if looks_local:
-        raise FileNotFoundError(
-            f"Model path {text!r} does not exist. Pass a local folder saved with save_pretrained() "
-            "or a Hugging Face Hub id such as 'kakaobrain/align-base'."
-        )
-    return text
+    from .hub import resolve_model
+
+    return resolve_model(name_or_path, kind)
 
 
 def load_dual_encoder(name_or_path: str | os.PathLike, **kwargs: Any):
     """Load a transformers image-text dual encoder and its processor (same path for hub ids and folders)."""
     from transformers import AutoModel, AutoProcessor
 
-    path = check_model_path(name_or_path)
-    model = AutoModel.from_pretrained(path, **kwargs)
+    from .hub import load_pretrained
+
+    path = check_model_path(name_or_path, "scorer")
+    model = load_pretrained(AutoModel.from_pretrained, path, kind="scorer", **kwargs)
     if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
         raise ValueError(
             f"{path!r} holds a {type(model).__name__}, which has no image and text towers. "
             "The λ-harmonic scorer needs a dual encoder such as AlignModel, CLIPModel or SiglipModel."
         )
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_pretrained(AutoProcessor.from_pretrained, path, kind="scorer")
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
         raise ValueError(f"{path!r} has no processor with both an image processor and a tokenizer.")
     return model.eval(), processor
@@ -382,9 +376,11 @@ class DinoReward:
     ) -> DinoReward:
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-        check_image_tower(name_or_path)
-        path = check_model_path(name_or_path)
-        config = AutoConfig.from_pretrained(path)
+        from .hub import load_pretrained
+
+        path = check_model_path(name_or_path, "DINO model")
+        check_image_tower(path)
+        config = load_pretrained(AutoConfig.from_pretrained, path, kind="DINO model")
         kwargs = {"add_pooling_layer": False} if config.model_type in ("vit", "dinov2", "deit") else {}
         model = AutoModel.from_pretrained(path, **kwargs)
         takes_pixels = "pixel_values" in inspect.signature(model.forward).parameters
