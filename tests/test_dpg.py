@@ -382,3 +382,26 @@ def test_a_reward_model_without_an_image_tower_is_refused_before_loading(tmp_pat
     cfg = make_config(tiny_sd_dir, tmp_path / "out", dpg_reward="dino", dpg_reward_model=str(text_only))
     with pytest.raises(ValueError, match="bert with no image tower"):
         RPOTrainer(cfg, reference_images=references)  # would load the pipeline and scorer after this check
+
+
+@pytest.mark.parametrize("mixed_precision", ["fp16", "bf16"])
+def test_dpg_trains_in_half_precision(tiny_sd_dir, tmp_path, clip_scorer, references, mixed_precision):
+    cfg = make_config(tiny_sd_dir, tmp_path, use_lora=True, mixed_precision=mixed_precision, max_train_steps=2)
+    steps = []
+    trainer = RPOTrainer(
+        cfg, StableDiffusionPipeline.from_pretrained(tiny_sd_dir), clip_scorer, references,
+        callbacks=[lambda e, p: steps.append(p) if e == "step" else None],
+    )  # fmt: skip
+    trainer.train()
+    assert len(steps) == 2 and all(math.isfinite(s["loss"]) and math.isfinite(s["loss_critic"]) for s in steps)
+    assert all(p.dtype == torch.float32 for p in trainer.objective.critic.module.parameters())
+
+
+def test_dpg_on_a_v_prediction_model(tmp_path, clip_scorer, references):
+    from rpo_diffusers.testing.tiny_pipeline import build_tiny_pipeline
+
+    build_tiny_pipeline(tmp_path / "sd-v", prediction_type="v_prediction")
+    trainer = make_trainer(tmp_path / "sd-v", tmp_path / "out", clip_scorer, references, max_train_steps=2)
+    assert trainer.components.noise_scheduler.config.prediction_type == "v_prediction"
+    result = trainer.train()
+    assert result.global_step == 2 and json.loads((tmp_path / "out/rpo_history.json").read_text())["method"] == "dpg"
