@@ -13,6 +13,8 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 DEMO_SUBJECT = "whiteblack_ring"
@@ -36,8 +38,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num_threads",
         type=int,
-        default=None,
-        help="torch CPU threads (default: torch's; 1 on a busy machine)",
+        default=1,
+        help="torch CPU threads; 0 = torch's default (one per core). The toy models are too small to gain "
+        "from more than one, and on a busy machine several threads per process slow the run down tenfold",
     )
     parser.set_defaults(func=run_demo)
 
@@ -47,17 +50,53 @@ def _metrics_line(name: str, row: dict[str, float]) -> str:
     return f"  {name:<7}" + "  ".join(f"{k} {row[k]:.3f}" for k in keys)
 
 
+class PhaseTimer:
+    """Wall time of named phases, in the order they ran (printed at the end and kept in demo_metrics.json)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _caption(per_image: dict[str, list], index: int) -> str:
+    """What one shown image scored: its reward and, on the toy world, whether the judge sees the subject
+    and the prompt's context in it."""
+    parts = [f"reward {per_image['lambda_harmonic'][index]:.3f}"]
+    for key, name in (("identity", "subject"), ("context", "context")):
+        if key in per_image:
+            parts.append(f"{name} {'yes' if per_image[key][index] else 'no'}")
+    return ", ".join(parts)
+
+
+def _print_timings(training: dict[str, float], evaluation: dict[str, float], wall: float) -> None:
+    rows = [(f"training: {k}", v) for k, v in training.items() if v] + [
+        (f"evaluation: {k}", v) for k, v in evaluation.items()
+    ]
+    print("\ntime per phase (wall seconds):")
+    for name, seconds in rows:
+        print(f"  {name:<38} {seconds:6.1f}")
+    print(f"  {'total':<38} {wall:6.1f}")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from .config import RPOConfig
-    from .data import make_image_grid
     from .evaluation import Judges, generate_images, load_result_pipeline
+    from .plots import before_after_grid
     from .toy import SAMPLING, asset_path, get_subject
     from .trainer import RPOTrainer
 
-    if args.num_threads:
+    if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
+    timer = PhaseTimer()
     out = Path(args.output_dir)
     t0 = time.perf_counter()
     subject = get_subject(args.subject)
@@ -82,13 +121,19 @@ def run_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         report_to="tensorboard",
     )
+    threads = torch.get_num_threads()
     print(
         f"RPO demo: toy subject {subject.name} ('a sks {subject.class_noun}', {subject.color}/{subject.color2} "
         f"split, unseen by the base model), {len(config.train_prompts)} training prompts, "
         f"{config.max_train_steps} steps, validation every {config.validation_steps} (λ_val={config.lambda_val})"
     )
-    print(f"models: the bundled toy world ({asset_path('sd').parent}), no download")
+    print(
+        f"models: the bundled toy world ({asset_path('sd').parent}), no download; {threads} torch "
+        f"thread{'s' if threads > 1 else ''}"
+    )
+    t_train = time.perf_counter()
     result = RPOTrainer(config).train()
+    train_wall = time.perf_counter() - t_train
     print("\nvalidation reward per interval:")
     for h in result.history:
         mark = "  <- chosen" if h["step"] == result.best_step else ""
@@ -98,26 +143,49 @@ def run_demo(args: argparse.Namespace) -> int:
         )
     print(f"chosen step: {result.best_step} (reward {result.best_reward:.4f})")
 
-    print(
-        f"\nheld-out prompts ({len(subject.evaluation_prompts())} x {EVAL_IMAGES_PER_PROMPT} images), base -> RPO:"
-    )
-    judges = Judges.for_toy_world()
-    metrics, images = {}, {}
+    prompts = subject.evaluation_prompts()
+    print(f"\nheld-out prompts ({len(prompts)} x {EVAL_IMAGES_PER_PROMPT} images), base -> RPO:")
+    with timer("load the judges"):
+        judges = Judges.for_toy_world()
+    references = subject.reference_images()
+    metrics, images, per_image = {}, {}, {}
     for name, out_dir in (("base", None), ("rpo", config.output_dir)):
-        pipe = load_result_pipeline(asset_path("sd"), out_dir, args.use_lora)
-        images[name] = generate_images(
-            pipe,
-            subject.evaluation_prompts(),
-            EVAL_IMAGES_PER_PROMPT,
-            seed=args.seed,
-            resolution=SAMPLING["resolution"],
-            num_inference_steps=SAMPLING["num_inference_steps"],
-            guidance_scale=SAMPLING["guidance_scale"],
-        )
-        metrics[name] = judges.score(subject.reference_images(), images[name], subject.name, subject)
+        with timer(f"load the {name} model"):
+            pipe = load_result_pipeline(asset_path("sd"), out_dir, args.use_lora)
+        with timer(f"generate ({name})"):
+            images[name] = generate_images(
+                pipe,
+                prompts,
+                EVAL_IMAGES_PER_PROMPT,
+                seed=args.seed,
+                resolution=SAMPLING["resolution"],
+                num_inference_steps=SAMPLING["num_inference_steps"],
+                guidance_scale=SAMPLING["guidance_scale"],
+            )
+        del pipe
+        with timer(f"score ({name})"):
+            per_image[name] = {}
+            metrics[name] = judges.score(references, images[name], subject.name, subject, per_image[name])
         print(_metrics_line(name, metrics[name]))
-    cells = [im for name in ("base", "rpo") for ims in images[name].values() for im in ims[:1]]
-    make_image_grid(cells, rows=2).resize((8 * 96, 2 * 96)).save(out / "heldout_before_after.png")
+    with timer("picture"):
+        shown = [EVAL_IMAGES_PER_PROMPT * i for i in range(len(prompts))]  # the first image of each prompt
+        grid = before_after_grid(
+            [images["base"][p][0] for p in prompts],
+            [images["rpo"][p][0] for p in prompts],
+            prompts,
+            "base model (step 0)",
+            f"RPO, step {result.best_step} (chosen)",
+            [_caption(per_image["base"], i) for i in shown],
+            [_caption(per_image["rpo"], i) for i in shown],
+            title=f"held-out prompts, {subject.name}: the first of {EVAL_IMAGES_PER_PROMPT} images per prompt, "
+            "same seed in both columns",
+        )
+        grid.save(out / "heldout_before_after.png")
+    wall = time.perf_counter() - t0
+    training_phases = {
+        **result.timings,
+        "other (loading, setup)": max(0.0, train_wall - sum(result.timings.values())),
+    }
     summary = {
         "subject": subject.name,
         "best_step": result.best_step,
@@ -125,12 +193,16 @@ def run_demo(args: argparse.Namespace) -> int:
         "history": [{k: h[k] for k in ("step", "reward", "align_i", "align_t")} for h in result.history],
         "heldout_metrics": metrics,
         "timings_s": result.timings,
-        "wall_time_s": time.perf_counter() - t0,
+        "training_wall_s": train_wall,
+        "evaluation_timings_s": timer.seconds,
+        "torch_threads": threads,
+        "wall_time_s": wall,
     }
     (out / "demo_metrics.json").write_text(json.dumps(summary, indent=2))
+    _print_timings(training_phases, timer.seconds, wall)
     print(
         f"\nwrote {out / 'model'} (model, before_after.png, reward_plot.png, rpo_history.json), "
-        f"{out / 'heldout_before_after.png'} (top: base, bottom: RPO) and {out / 'demo_metrics.json'} "
-        f"in {summary['wall_time_s']:.0f}s"
+        f"{out / 'heldout_before_after.png'} (a row per held-out prompt: base | RPO) and "
+        f"{out / 'demo_metrics.json'} in {wall:.0f}s"
     )
     return 0

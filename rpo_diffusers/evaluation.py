@@ -126,9 +126,15 @@ class Judges:
         images_by_prompt: dict[str, list[Image.Image]],
         subject_name: str = "subject",
         toy_subject: Any = None,
+        per_image: dict[str, list] | None = None,
     ) -> dict[str, float]:
         """DINO, CLIP-I, CLIP-T, the λ-harmonic reward at λ 0.5 and, for a toy subject, identity and
-        context accuracy (the ground truth)."""
+        context accuracy (the ground truth).
+
+        ``per_image``, when given, is filled with the per-image values behind the means (``lambda_harmonic``
+        and, for a toy subject, ``identity`` / ``context`` hits) in ``images_by_prompt`` order, so a picture
+        can caption each image without scoring it twice.
+        """
         dream = self.evaluator.evaluate_subject(images_by_prompt, references, subject_name)
         images = [im for ims in images_by_prompt.values() for im in ims]
         prompts = [p for p, ims in images_by_prompt.items() for _ in ims]
@@ -139,9 +145,14 @@ class Judges:
             "clip_t": dream.clip_t,
             "lambda_harmonic": float(reward.mean()),
         }
+        details: dict[str, list] = {"lambda_harmonic": reward.tolist()}
         if toy_subject is not None and self.classifier is not None:
-            from .toy.models import context_accuracy, identity_accuracy
+            from .toy.models import context_hits, identity_hits
 
-            row["identity_acc"] = identity_accuracy(images, toy_subject, prompts, self.classifier)
-            row["context_acc"] = context_accuracy(images, prompts, self.classifier)
+            details["identity"] = identity_hits(images, toy_subject, prompts, self.classifier)
+            details["context"] = context_hits(images, prompts, self.classifier)
+            row["identity_acc"] = sum(details["identity"]) / len(images)
+            row["context_acc"] = sum(details["context"]) / len(images)
+        if per_image is not None:
+            per_image.update(details)
         return row
