@@ -75,6 +75,22 @@ def _caption(per_image: dict[str, list], index: int) -> str:
     return ", ".join(parts)
 
 
+def _save_heldout(root: Path, subject: str, references: list, images: dict[str, dict[str, list]]) -> None:
+    """The held-out images in the layout ``rpo-diffusers evaluate`` reads (``<model>/<subject>/<prompt>/``,
+    the prompt in ``prompt.txt``) and the references as ``references/<subject>/``, so the README's
+    ``score`` and ``evaluate`` commands run on what the demo wrote."""
+    for i, im in enumerate(references):
+        (root / "references" / subject).mkdir(parents=True, exist_ok=True)
+        im.save(root / "references" / subject / f"{i}.png")
+    for model, by_prompt in images.items():
+        for prompt, ims in by_prompt.items():
+            folder = root / model / subject / prompt.replace(" ", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "prompt.txt").write_text(prompt + "\n", encoding="utf-8")
+            for i, im in enumerate(ims):
+                im.save(folder / f"{i}.png")
+
+
 def _print_timings(training: dict[str, float], evaluation: dict[str, float], wall: float) -> None:
     rows = [(f"training: {k}", v) for k, v in training.items() if v] + [
         (f"evaluation: {k}", v) for k, v in evaluation.items()
@@ -167,6 +183,8 @@ def run_demo(args: argparse.Namespace) -> int:
             per_image[name] = {}
             metrics[name] = judges.score(references, images[name], subject.name, subject, per_image[name])
         print(_metrics_line(name, metrics[name]))
+    with timer("save images"):
+        _save_heldout(out / "heldout", subject.name, references, images)
     with timer("picture"):
         shown = [EVAL_IMAGES_PER_PROMPT * i for i in range(len(prompts))]  # the first image of each prompt
         grid = before_after_grid(
@@ -202,7 +220,7 @@ def run_demo(args: argparse.Namespace) -> int:
     _print_timings(training_phases, timer.seconds, wall)
     print(
         f"\nwrote {out / 'model'} (model, before_after.png, reward_plot.png, rpo_history.json), "
-        f"{out / 'heldout_before_after.png'} (a row per held-out prompt: base | RPO) and "
-        f"{out / 'demo_metrics.json'} in {wall:.0f}s"
+        f"{out / 'heldout_before_after.png'} (a row per held-out prompt: base | RPO), {out / 'heldout'}/ "
+        f"(the images, for `rpo-diffusers score` / `evaluate`) and {out / 'demo_metrics.json'} in {wall:.0f}s"
     )
     return 0

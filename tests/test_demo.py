@@ -74,7 +74,9 @@ def test_demo_writes_what_the_readme_promises(demo_run):
         assert 0.0 <= row["identity_acc"] <= 1.0 and 0.0 <= row["context_acc"] <= 1.0
         assert -1.0 <= row["dino"] <= 1.0 and 0.0 < row["lambda_harmonic"] <= 1.0
     front_matter = (model / "README.md").read_text().split("---")[1]
-    assert "base_model" not in front_matter and str(REPO) not in front_matter  # a local path is no Hub metadata
+    assert (
+        "base_model" not in front_matter and str(REPO) not in front_matter
+    )  # a local path is no Hub metadata
 
 
 def test_demo_times_every_phase(demo_run):
@@ -100,3 +102,22 @@ def test_demo_heldout_picture_is_labelled(demo_run):
     assert "a row per held-out prompt" in stdout
     plot = Image.open(out / "model" / "reward_plot.png")
     assert plot.size == (800, 450)
+
+
+def test_readme_score_and_evaluate_run_on_the_demo_output(demo_run, tmp_path, capsys):
+    """The README's `score` and `evaluate` lines, on the bundled models' short names, as written there."""
+    from rpo_diffusers.cli import main
+
+    out, _, _ = demo_run
+    heldout = out / "heldout"
+    forest = heldout / "rpo" / "whiteblack_ring" / "a_sks_ring_in_the_forest"
+    assert main(["score", "--references", str(out / "references"), "--images", str(forest),
+                 "--prompt", "a sks ring in the forest", "--model", "toy-scorer"]) == 0  # fmt: skip
+    assert "mean" in capsys.readouterr().out
+    assert main(["evaluate", "--images", str(heldout / "rpo"), "--references", str(heldout / "references"),
+                 "--dino", "toy-dino", "--clip", "toy-clip", "--output_dir", str(tmp_path)]) == 0  # fmt: skip
+    table = json.loads((tmp_path / "dreambench_metrics.json").read_text())
+    assert [s["subject"] for s in table["subjects"]] == ["whiteblack_ring"]
+    assert len(table["subjects"][0]["prompts"]) == 8
+    readme = (REPO / "README.md").read_text()
+    assert "--model toy-scorer" in readme and "--dino toy-dino --clip toy-clip" in readme
