@@ -29,8 +29,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if (
-            action.default in (None, False, argparse.SUPPRESS)
-            or "default" in text
+            any(action.default is v for v in (None, False, argparse.SUPPRESS))  # 0 is a real default
+            or "(default" in text
             or not action.option_strings
         ):
             return text

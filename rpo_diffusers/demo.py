@@ -28,18 +28,18 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--subject", default=DEMO_SUBJECT, choices=list_subjects(), help="bundled toy subject"
     )
-    parser.add_argument("--max_train_steps", type=int, default=400)
-    parser.add_argument("--validation_steps", type=int, default=40)
+    parser.add_argument("--max_train_steps", type=int, default=400, help="optimiser steps")
+    parser.add_argument("--validation_steps", type=int, default=40, help="validate every N steps")
     parser.add_argument("--lambda_val", type=float, default=0.5, help="λ of the validation reward")
     parser.add_argument(
         "--use_lora", action="store_true", help="train LoRA adapters instead of the full UNet"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of training and of the held-out images")
     parser.add_argument(
         "--num_threads",
         type=int,
         default=1,
-        help="torch CPU threads; 0 = torch's default (one per core). The toy models are too small to gain "
+        help="torch CPU threads; 0 = torch's own choice (one per core). The toy models are too small to gain "
         "from more than one, and on a busy machine several threads per process slow the run down tenfold",
     )
     parser.set_defaults(func=run_demo)
