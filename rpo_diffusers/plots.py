@@ -57,7 +57,7 @@ def reward_figure(
     ax.set_ylabel("reward (λ-harmonic)" if "λ" not in title else "reward")
     ax.grid(True, color="#dddddd", linewidth=0.8)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
-    ax.yaxis.set_major_locator(MaxNLocator(nbins=8))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 2.5, 5, 10]))  # round tick values
     points = [(int(s), float(r)) for s, r in zip(steps, rewards) if math.isfinite(float(r))]
     if not points:
         ax.text(0.5, 0.5, "no validation yet", transform=ax.transAxes, ha="center", va="center", color="gray")
