@@ -572,9 +572,12 @@ def push_to_hub(
     """Create ``repo_id`` (if needed) and upload the output folder. Failures leave the local folder intact."""
     from huggingface_hub import HfApi
 
+    from .publish import current_result
+
     folder = Path(output_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"Nothing to upload: {str(folder)!r} does not exist.")
+    folder = current_result(folder) or folder  # the published result itself (real files, no symlinks)
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise ExportError(
             f"Cannot push to the Hub: HF_HUB_OFFLINE is set. The local output at {str(folder)!r} is intact; "

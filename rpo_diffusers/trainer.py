@@ -39,6 +39,7 @@ from .data import (
 from .export import atomic_output_dir, atomic_save_file, load_safetensors_only, write_model_card
 from .objectives import Objective, TrainingSet, make_objective
 from .plots import reward_plot
+from .publish import result_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,12 @@ STATE_FILE = "rpo_trainer_state.json"
 TRAINABLE_FILE = "trainable_weights.safetensors"
 BEST_FILE = "best_weights.safetensors"
 CLASS_MANIFEST = "class_images.json"
+# what earlier versions wrote into output_dir as real entries (adopted as the current result on the first export)
+RESULT_NAMES = (
+    "model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor",
+    "safety_checker", "rpo_unet.safetensors", "pytorch_lora_weights.safetensors", "rpo_lora_kohya.safetensors",
+    "README.md", HISTORY_FILE, PLOT_FILE, "before_after.png",
+)  # fmt: skip
 
 
 class NonFiniteLossError(RuntimeError):
@@ -805,16 +812,33 @@ class PersonalizationTrainer:
         }
 
     def _finish(self, stopped_early: bool) -> dict[str, str]:
-        """Load the best weights and export them with the history, the plot and a model card."""
+        """Export the best weights with the history, the plot and a model card, published as one result.
+
+        Everything is written into a staging folder first and appears in ``output_dir`` at once
+        (:mod:`rpo_diffusers.publish`): a crash at any point leaves the previous result or this one.
+        """
         if self.best_state is None or not self.is_main:
             return {}
         t0 = time.perf_counter()
-        cfg = self.config
         current = self.components.trainable_state_dict()
         self.components.load_trainable_state_dict(self.best_state)
-        meta = {"best_step": self.best_step, "best_reward": self.best_reward}
-        files = self.components.export(self.output_dir, meta)
+        try:
+            with result_transaction(self.output_dir, legacy_names=RESULT_NAMES) as stage:
+                files = self.components.export(stage, {"best_step": self.best_step, "best_reward": self.best_reward})
+                self._write_result_files(stage, stopped_early)
+        finally:
+            self.components.load_trainable_state_dict(current)
         self.timings["export"] = time.perf_counter() - t0
+        files = {  # the names users load, not the staging folder's
+            k: str(self.output_dir / Path(v).relative_to(stage)) if Path(v).is_relative_to(stage) else v
+            for k, v in files.items()
+        }
+        files.update({"history": str(self.output_dir / HISTORY_FILE), "plot": str(self.output_dir / PLOT_FILE)})
+        return files
+
+    def _write_result_files(self, folder: Path, stopped_early: bool) -> None:
+        """The history, reward plot, before/after grid and model card that describe the exported weights."""
+        cfg = self.config
         summary = {
             "best_step": self.best_step,
             "best_reward": self.best_reward,
@@ -827,16 +851,13 @@ class PersonalizationTrainer:
             "history": self.history,
             "timings": self.timings,
         }
-        (self.output_dir / HISTORY_FILE).write_text(json.dumps(summary, indent=2))
-        steps = [h["step"] for h in self.history]
+        (folder / HISTORY_FILE).write_text(json.dumps(summary, indent=2))
         reward_plot(
-            steps,
+            [h["step"] for h in self.history],
             [h["reward"] for h in self.history],
             self.best_step,
             title=f"validation reward (λ-harmonic), method {cfg.method}",
-        ).save(
-            self.output_dir / PLOT_FILE
-        )
+        ).save(folder / PLOT_FILE)
         samples = []
         val_dir = self.output_dir / "validation"
         before, after = val_dir / f"step_{0:05d}.png", val_dir / f"step_{self.best_step:05d}.png"
@@ -845,16 +866,14 @@ class PersonalizationTrainer:
             grid = Image.new("RGB", (b.width + a.width + 8, max(b.height, a.height)), "white")
             grid.paste(b, (0, 0))
             grid.paste(a, (b.width + 8, 0))
-            grid.save(self.output_dir / "before_after.png")
+            grid.save(folder / "before_after.png")
             samples.append("before_after.png")
         write_model_card(
-            self.output_dir,
+            folder,
             base_model=str(cfg.pretrained_model_name_or_path or "unknown"),
             instance_prompt=cfg.instance_prompt,
             lora=cfg.use_lora,
-            config={
-                k: v for k, v in cfg.to_dict().items() if k not in ("train_prompts", "validation_prompts")
-            },
+            config={k: v for k, v in cfg.to_dict().items() if k not in ("train_prompts", "validation_prompts")},
             history=self.history,
             sample_images=samples,
             best_step=self.best_step,
@@ -862,11 +881,6 @@ class PersonalizationTrainer:
             method=cfg.method,
             reward=self.objective.summary().get("reward"),
         )
-        files.update(
-            {"history": str(self.output_dir / HISTORY_FILE), "plot": str(self.output_dir / PLOT_FILE)}
-        )
-        self.components.load_trainable_state_dict(current)
-        return files
 
 
 RPOTrainer = PersonalizationTrainer
