@@ -212,15 +212,17 @@ class DiffusersComponents(DiffusionComponents):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> DiffusersComponents:
         """Load a ``StableDiffusionPipeline`` from a hub id or a local folder."""
+        from .hub import load_pretrained, pipeline_dtype_kwargs
         from .rewards import check_model_path
 
-        path = check_model_path(name_or_path)  # before the heavy import: a typo fails in a second
+        path = check_model_path(name_or_path, "base model")  # before the heavy import: a typo fails in a second
         from diffusers import StableDiffusionPipeline
 
         dtype = kwargs.pop("torch_dtype", None) or torch.float32  # a half-precision checkpoint loads as fp32
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            path, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
-        )
+        pipeline = load_pretrained(
+            StableDiffusionPipeline.from_pretrained, path, kind="base model",
+            safety_checker=None, requires_safety_checker=False, **pipeline_dtype_kwargs(dtype),
+        )  # fmt: skip
         return cls(pipeline, **kwargs)
 
     @property

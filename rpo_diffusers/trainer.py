@@ -33,12 +33,11 @@ from .data import (
     list_image_files,
     load_image,
     load_image_folder,
-    make_image_grid,
     to_pil_images,
 )
 from .export import atomic_output_dir, atomic_save_file, load_safetensors_only, write_model_card
 from .objectives import Objective, TrainingSet, make_objective
-from .plots import reward_plot
+from .plots import before_after_grid, labeled_grid, reward_plot
 from .publish import result_transaction
 
 logger = logging.getLogger(__name__)
@@ -293,23 +292,25 @@ class PersonalizationTrainer:
 
         cfg = self.config
         bar = tqdm(total=len(prompts), desc=desc, disable=not self.is_main or desc is None, **_bar_pacing())
-        done = 0
-        for start in range(0, len(prompts), cfg.generation_batch_size):
-            end = start + cfg.generation_batch_size
-            with self.accelerator.autocast():  # fp16/bf16 runs: frozen parts are half, the UNet may not be
-                batch = self.components.generate(
-                    prompts[start:end],
-                    seeds[start:end],
-                    cfg.num_inference_steps,
-                    cfg.guidance_scale,
-                    cfg.resolution,
-                )
-            done += len(batch)
-            bar.update(len(batch))
-            if event is not None:
-                self._emit(event, {"done": done, "total": len(prompts)})
-            yield batch
-        bar.close()
+        try:
+            done = 0
+            for start in range(0, len(prompts), cfg.generation_batch_size):
+                end = start + cfg.generation_batch_size
+                with self.accelerator.autocast():  # fp16/bf16 runs: frozen parts are half, the UNet may not be
+                    batch = self.components.generate(
+                        prompts[start:end],
+                        seeds[start:end],
+                        cfg.num_inference_steps,
+                        cfg.guidance_scale,
+                        cfg.resolution,
+                    )
+                done += len(batch)
+                bar.update(len(batch))
+                if event is not None:
+                    self._emit(event, {"done": done, "total": len(prompts)})
+                yield batch
+        finally:  # also when the caller stops early or an error is raised
+            bar.close()
 
     # ---------------------------------------------------------------------------------------------
     # phase 1b: DreamBooth prior preservation's class images (on disk, reused like diffusers does)
@@ -517,7 +518,22 @@ class PersonalizationTrainer:
                 "align_t": float(scores.text_alignment.mean()),
                 "per_prompt": per_prompt,
             }
-            grid = make_image_grid(images, rows=len(cfg.validation_prompts), cols=cfg.num_validation_images)
+            k = cfg.num_validation_images
+            rows = [images[i * k : (i + 1) * k] for i in range(len(cfg.validation_prompts))]
+            rewards = scores.reward.tolist()
+            grid = labeled_grid(
+                rows,
+                row_labels=cfg.validation_prompts,
+                captions=[[f"reward {r:.3f}" for r in rewards[i * k : (i + 1) * k]] for i in range(len(rows))],
+                title=f"step {step}: validation reward {entry[0]['reward']:.3f} (λ_val {cfg.lambda_val})",
+                cell_size=128,
+            )
+            # the first image per prompt, for the before/after picture of the exported model
+            cells = ([row[0] for row in rows], list(per_prompt.values()))
+            if step == 0:
+                self._base_cells = cells
+            if entry[0]["reward"] > self.best_reward or not cfg.early_stopping:
+                self._best_cells = cells
             val_dir = self.output_dir / "validation"
             val_dir.mkdir(parents=True, exist_ok=True)
             grid.save(val_dir / f"step_{step:05d}.png")
@@ -717,7 +733,7 @@ class PersonalizationTrainer:
                 },
             )
 
-        stopped_early, error = False, None
+        stopped_early, error, bar = False, None, None
         try:
             if not self.history:
                 stopped_early = self._record_validation(self.validate(0))
@@ -780,6 +796,8 @@ class PersonalizationTrainer:
         except BaseException as err:  # NaN, interrupt, callback stop: export the best so far, then re-raise
             error = err
         finally:
+            if bar is not None:  # closed on every exit, or it prints at interpreter exit
+                bar.close()
             acc.wait_for_everyone() if error is None else None
             files = self._finish(stopped_early)
             acc.end_training()
@@ -856,17 +874,16 @@ class PersonalizationTrainer:
             [h["step"] for h in self.history],
             [h["reward"] for h in self.history],
             self.best_step,
-            title=f"validation reward (λ-harmonic), method {cfg.method}",
+            title=f"validation reward (λ-harmonic, λ_val {cfg.lambda_val})",
+            method_label={"rpo": "RPO", "dreambooth": "DreamBooth", "dpg": "DPG"}.get(cfg.method, cfg.method),
         ).save(folder / PLOT_FILE)
         samples = []
-        val_dir = self.output_dir / "validation"
-        before, after = val_dir / f"step_{0:05d}.png", val_dir / f"step_{self.best_step:05d}.png"
-        if before.exists() and after.exists():
-            b, a = Image.open(before), Image.open(after)
-            grid = Image.new("RGB", (b.width + a.width + 8, max(b.height, a.height)), "white")
-            grid.paste(b, (0, 0))
-            grid.paste(a, (b.width + 8, 0))
-            grid.save(folder / "before_after.png")
+        base, best = getattr(self, "_base_cells", None), getattr(self, "_best_cells", None)
+        if base is not None and best is not None:  # (a resumed run no longer has step 0's images in memory)
+            before_after_grid(
+                base[0], best[0], cfg.validation_prompts, "step 0 (base)", f"step {self.best_step} (chosen)",
+                base[1], best[1], title=f"{cfg.method.upper()}: validation prompts before and after",
+            ).save(folder / "before_after.png")  # fmt: skip
             samples.append("before_after.png")
         write_model_card(
             folder,

@@ -28,11 +28,6 @@ JUSTIFIED_STDERR = [
     re.compile(r"^(generating training images|RPO|DreamBooth|DPG): +\d+%\|"),
     # matplotlib, once per machine, the first time it is imported
     re.compile(r"^Matplotlib is building the font cache; this may take a moment\.$"),
-    # PENDING: diffusers' deprecation of torch_dtype, raised by DiffusersComponents.from_pretrained
-    # (components.py still passes torch_dtype=; rpo_diffusers.hub.pipeline_dtype_kwargs is the fix).
-    # Remove these two entries once it does.
-    re.compile(r"FutureWarning: `torch_dtype` is deprecated and will be removed in version 1\.0\.0"),
-    re.compile(r'^\s*deprecate\("torch_dtype", "1\.0\.0", _TORCH_DTYPE_DEPRECATION_MESSAGE\)$'),
 ]
 
 

@@ -41,6 +41,10 @@ class ScriptArguments:
     )
 
 
+KINDS = {"pretrained_model_name_or_path": "base model", "scorer_model_name_or_path": "scorer",
+         "dpg_reward_model": "DINO model"}  # fmt: skip
+
+
 def _negated_flags_say_what_they_do(parser: HfArgumentParser) -> None:
     """HfArgumentParser gives ``--no_X`` the help of ``--X``; say instead what the negation does."""
     for action in parser._actions:
@@ -66,7 +70,7 @@ def parse_args(input_args: list[str] | None = None) -> tuple[RPOConfig, ScriptAr
         flags.append("dpg_reward_model")
     for flag in flags:
         try:  # fail in a second, before loading anything
-            check_model_path(getattr(config, flag))
+            check_model_path(getattr(config, flag), KINDS[flag])
         except FileNotFoundError as err:
             parser.error(f"--{flag}: {err}")
     return config, script
