@@ -29,6 +29,16 @@ JUSTIFIED_STDERR = [
     # matplotlib, once per machine, the first time it is imported
     re.compile(r"^Matplotlib is building the font cache; this may take a moment\.$"),
 ]
+# At pyproject's floors (diffusers 0.34, transformers 4.57; scripts/test_floors.sh) the libraries print three
+# notices of their own that today's versions do not: the bundled schedulers' configs, saved by a newer
+# diffusers, carry two fields 0.34 does not know (it ignores them); transformers 4.57 announces its fast image
+# processors; and diffusers 0.34 hands torch_dtype on to transformers 4.57, which has renamed it.
+OLD_LIBRARY_NOTICES = [
+    re.compile(r"The config attributes \{'time_shift_type': 'exponential', 'use_dynamic_shifting': False\} were "
+               r"passed to \w+, but are not expected and will be ignored"),
+    re.compile(r"^Using a slow image processor as `use_fast` is unset"),
+    re.compile(r"^`torch_dtype` is deprecated! Use `dtype` instead!$"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +59,10 @@ def demo_run(tmp_path_factory) -> tuple[Path, str, str]:
 def test_demo_stderr_has_only_justified_lines(demo_run):
     _, _, stderr = demo_run
     lines = [line for line in re.split(r"[\r\n]+", stderr) if line.strip()]
-    unexplained = [line for line in lines if not any(p.search(line) for p in JUSTIFIED_STDERR)]
+    import transformers
+
+    allowed = JUSTIFIED_STDERR + (OLD_LIBRARY_NOTICES if int(transformers.__version__.split(".")[0]) < 5 else [])
+    unexplained = [line for line in lines if not any(p.search(line) for p in allowed)]
     assert not unexplained, "\n".join(unexplained)
     assert not any("torchvision" in line for line in lines)  # transformers' processor fallback is silenced
 
