@@ -240,6 +240,13 @@ class RPOConfig:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' or a checkpoint folder to continue from."}
     )
+    resume_any_config: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume a checkpoint even if it was written with other settings (another seed, method, "
+            "data...); by default such a checkpoint is refused with the settings that differ."
+        },
+    )
     report_to: str = field(
         default="tensorboard", metadata={"help": "'tensorboard', 'wandb', 'all' or 'none'."}
     )

@@ -35,7 +35,7 @@ from .data import (
     load_image_folder,
     to_pil_images,
 )
-from .export import atomic_output_dir, atomic_save_file, load_safetensors_only, write_model_card
+from .export import ExportError, atomic_output_dir, atomic_save_file, load_safetensors_only, write_model_card
 from .objectives import Objective, TrainingSet, make_objective
 from .plots import before_after_grid, labeled_grid, reward_plot
 from .publish import result_transaction
@@ -49,6 +49,11 @@ STATE_FILE = "rpo_trainer_state.json"
 TRAINABLE_FILE = "trainable_weights.safetensors"
 BEST_FILE = "best_weights.safetensors"
 CLASS_MANIFEST = "class_images.json"
+# settings a resumed run may change (how long, how often it saves, where it logs)
+RESUME_FREE_SETTINGS = {
+    "resume_from_checkpoint", "resume_any_config", "output_dir", "max_train_steps", "checkpointing_steps",
+    "checkpoints_total_limit", "report_to", "logging_dir", "generation_batch_size", "patience",
+}  # fmt: skip
 # what earlier versions wrote into output_dir as real entries (adopted as the current result on the first export)
 RESULT_NAMES = (
     "model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor",
@@ -613,35 +618,71 @@ class PersonalizationTrainer:
         ]
         return sorted(dirs, key=lambda d: int(d.name.split("-")[-1]))
 
+    def _run_settings(self) -> dict[str, Any]:
+        """The settings a checkpoint must share with the run that resumes it (JSON-normalised)."""
+        settings = {k: v for k, v in self.config.to_dict().items() if k not in RESUME_FREE_SETTINGS}
+        return json.loads(json.dumps(settings))
+
     def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-N`` complete under a temp name, rename it in, and only then drop old ones.
+
+        So there is always at least one complete checkpoint once one was written; a failed write removes its
+        temp folder and says so (the earlier checkpoints are untouched).
+        """
         cfg, acc = self.config, self.accelerator
         final = self.output_dir / f"checkpoint-{self.global_step}"
-        if acc.is_main_process and cfg.checkpoints_total_limit is not None:
-            existing = self._checkpoint_dirs()
-            for old in existing[: max(0, len(existing) - cfg.checkpoints_total_limit + 1)]:
-                shutil.rmtree(old, ignore_errors=True)
         tmp = self.output_dir / f".checkpoint-{self.global_step}.tmp"
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()  # every rank has written its RNG state before the folder is renamed
         if acc.is_main_process:
-            state = {
-                "global_step": self.global_step,
-                "history": self.history,
-                "best_step": self.best_step,
-                "best_reward": self.best_reward,
-                "validations_without_improvement": self.validations_without_improvement,
-            }
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-            if self.best_state is not None:
-                atomic_save_file(self.best_state, tmp / BEST_FILE)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            for stale in self.output_dir.glob(".checkpoint-*.tmp"):  # what a killed run left
+                shutil.rmtree(stale, ignore_errors=True)
+        acc.wait_for_everyone()
+        try:
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()  # every rank has written its RNG state before the folder is renamed
+            if acc.is_main_process:
+                state = {
+                    "global_step": self.global_step,
+                    "history": self.history,
+                    "best_step": self.best_step,
+                    "best_reward": self.best_reward,
+                    "validations_without_improvement": self.validations_without_improvement,
+                    "settings": self._run_settings(),
+                }
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+                if self.best_state is not None:
+                    atomic_save_file(self.best_state, tmp / BEST_FILE)
+                if final.exists():  # a rerun of the same step: the new one replaces it
+                    aside = self.output_dir / f".{final.name}.old"
+                    os.replace(final, aside)
+                    os.replace(tmp, final)
+                    shutil.rmtree(aside, ignore_errors=True)
+                else:
+                    os.replace(tmp, final)
+        except (OSError, ExportError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ExportError(
+                f"Writing {final.name} in {str(self.output_dir)!r} failed ({err}); earlier checkpoints are intact."
+            ) from err
+        if acc.is_main_process and cfg.checkpoints_total_limit is not None:
+            existing = [d for d in self._checkpoint_dirs() if d != final]
+            for old in existing[: max(0, len(existing) + 1 - cfg.checkpoints_total_limit)]:
+                shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def _check_resumable(self, path: Path) -> None:
+        """Refuse a checkpoint written by a run with other settings (another seed, method, data...)."""
+        state = json.loads((path / STATE_FILE).read_text())
+        earlier, now = state.get("settings"), self._run_settings()
+        if earlier is None or earlier == now or self.config.resume_any_config:
+            return
+        changed = [k for k in sorted(set(earlier) | set(now)) if earlier.get(k) != now.get(k)]
+        shown = ", ".join(f"{k}: {earlier.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise ValueError(
+            f"{str(path)!r} was written by a run with other settings ({shown}{', ...' if len(changed) > 4 else ''}). "
+            "Resume with the same settings, use another output_dir for a new run, or pass resume_any_config=True "
+            "(--resume_any_config) to resume it anyway."
+        )
 
     def _resume(self) -> None:
         cfg = self.config
@@ -660,6 +701,7 @@ class PersonalizationTrainer:
             path = Path(cfg.resume_from_checkpoint)
             if not (path / STATE_FILE).exists():
                 raise FileNotFoundError(f"{str(path)!r} is not an RPO checkpoint (no {STATE_FILE}).")
+        self._check_resumable(path)
         self.accelerator.load_state(str(path))
         state = json.loads((path / STATE_FILE).read_text())
         self.global_step = int(state["global_step"])

@@ -338,3 +338,28 @@ def test_bad_inputs_give_clear_errors(tiny_sd_dir, tmp_path, clip_scorer, refere
         RPOTrainer(
             make_config(tiny_sd_dir, tmp_path, instance_data_dir=str(tmp_path / "empty")), None, clip_scorer
         )
+
+
+def test_checkpoint_limit_keeps_a_complete_checkpoint_and_resume_refuses_other_settings(
+    tiny_sd_dir, tmp_path, clip_scorer, references
+):
+    common = dict(max_train_steps=4, validation_steps=2, checkpointing_steps=2, checkpoints_total_limit=1, seed=3)
+    make_trainer(tiny_sd_dir, tmp_path, clip_scorer, references, **common).train()
+    out = tmp_path / "out"
+    assert [d.name for d in out.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert (out / "checkpoint-4" / "rpo_trainer_state.json").exists()
+    assert not list(out.glob(".checkpoint-*")), "a temporary checkpoint was left behind"
+    # another seed: 'latest' is refused, naming what differs, before anything changes on disk
+    with pytest.raises(ValueError, match=r"seed: 3 -> 4.*resume_any_config"):
+        make_trainer(tiny_sd_dir, tmp_path, clip_scorer, references,
+                     **{**common, "seed": 4, "max_train_steps": 6}, resume_from_checkpoint="latest").train()  # fmt: skip
+    assert [d.name for d in out.glob("checkpoint-*")] == ["checkpoint-4"]
+    resumed = make_trainer(
+        tiny_sd_dir, tmp_path, clip_scorer, references, **{**common, "seed": 4, "max_train_steps": 6},
+        resume_from_checkpoint="latest", resume_any_config=True,
+    ).train()  # fmt: skip
+    assert [h["step"] for h in resumed.history] == [0, 2, 4, 6]
+    # a longer run with the same settings resumes without a word
+    more = make_trainer(tiny_sd_dir, tmp_path, clip_scorer, references,
+                        **{**common, "seed": 4, "max_train_steps": 8}, resume_from_checkpoint="latest").train()  # fmt: skip
+    assert more.global_step == 8
