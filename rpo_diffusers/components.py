@@ -221,7 +221,7 @@ class DiffusersComponents(DiffusionComponents):
         dtype = kwargs.pop("torch_dtype", None) or torch.float32  # a half-precision checkpoint loads as fp32
         pipeline = load_pretrained(
             StableDiffusionPipeline.from_pretrained, path, kind="base model",
-            safety_checker=None, requires_safety_checker=False, **pipeline_dtype_kwargs(dtype),
+            safety_checker=None, requires_safety_checker=False, use_safetensors=True, **pipeline_dtype_kwargs(dtype),
         )  # fmt: skip
         return cls(pipeline, **kwargs)
 

@@ -104,17 +104,26 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
         raise NotADirectoryError(
             f"{str(path)!r} is not a folder: pass the folder that holds the subject's photos."
         )
-    return sorted(
+    return sorted(  # a broken symlink is listed too: it fails to load, by name, instead of vanishing
         p
         for p in path.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        if (p.is_file() or (p.is_symlink() and not p.is_dir()))
+        and not p.name.startswith(".")
+        and p.suffix.lower() in IMAGE_EXTENSIONS
     )
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open one image fully (not lazily) as RGB, with a clear error for empty or corrupt files."""
     p = Path(path)
-    if p.stat().st_size == 0:
+    try:
+        size = p.stat().st_size
+    except OSError as err:  # a dangling symlink, a symlink loop
+        raise ValueError(
+            f"Cannot read image {str(p)!r}: {err.strerror.lower() if err.strerror else err} (a broken or looping "
+            "symlink?); fix the link or remove it."
+        ) from err
+    if size == 0:
         raise ValueError(f"Image file {str(p)!r} is empty (0 bytes): replace or remove it.")
     try:
         with Image.open(p) as im:

@@ -121,6 +121,29 @@ def hub_problem(repo_id: str) -> str | None:
     return f"{reason} and it is not in the local cache" if reason else None
 
 
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safetensors_only(folder: str | os.PathLike) -> None:
+    """Refuse a local model folder whose weights exist only in a pickle format (loading pickle can run code).
+
+    Looks at the folder and its direct subfolders (a pipeline's ``unet/``, ``text_encoder/``...): a subfolder
+    with pickled weights and no ``.safetensors`` file beside them gets a one-line error saying how to convert.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return
+    for sub in [root, *(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))]:
+        names = [f.name for f in sub.iterdir() if f.is_file()]
+        pickled = sorted(n for n in names if n.endswith(PICKLE_WEIGHTS) and n != "training_args.bin")
+        if pickled and not any(n.endswith(".safetensors") for n in names):
+            raise ValueError(
+                f"{str(sub)!r} holds only pickled weights ({pickled[0]}), and only .safetensors weights are loaded "
+                "from user paths (a pickle can run code). Convert it once where you trust it: load it with "
+                "from_pretrained() and save_pretrained(folder, safe_serialization=True)."
+            )
+
+
 def resolve_model(name_or_path: str | os.PathLike, kind: str | None = None) -> str:
     """The path or Hub id to hand to ``from_pretrained``, or a one-line error now.
 
@@ -136,6 +159,7 @@ def resolve_model(name_or_path: str | os.PathLike, kind: str | None = None) -> s
         return str(bundled)
     expanded = os.path.expanduser(text)
     if os.path.exists(expanded):
+        check_safetensors_only(expanded)
         return expanded
     if _looks_local(text):
         bundled_names = ", ".join(BUNDLED_MODELS)

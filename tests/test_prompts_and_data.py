@@ -129,3 +129,20 @@ def test_dreambench_references_load(dreambench_dir):
         assert all(im.mode == "RGB" and im.size == (512, 512) for im in imgs)
         total += len(imgs)
     assert total == 158
+
+
+def test_broken_and_looping_symlinks_are_named_not_skipped(tmp_path):
+    from PIL import Image
+
+    from rpo_diffusers.data import load_image_folder
+
+    for i in range(3):
+        Image.new("RGB", (16, 16), (i * 60, 20, 200)).save(tmp_path / f"{i}.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match=r"gone\.png.*broken or looping symlink"):
+        load_image_folder(tmp_path)
+    (tmp_path / "gone.png").unlink()
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    with pytest.raises(ValueError, match=r"loop\.jpg"):
+        load_image_folder(tmp_path)
+    assert len(load_image_folder(tmp_path, skip_unreadable=True)) == 3  # skipped only when asked (with a warning)
