@@ -322,6 +322,14 @@ class RPOConfig:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}.")
         if self.lora_alpha is None:
             self.lora_alpha = float(self.rank)
+        if not math.isfinite(float(self.lora_alpha)) or float(self.lora_alpha) <= 0:
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha} (default: the rank).")
+        guidance = float(self.guidance_scale)
+        if not math.isfinite(guidance) or guidance < 0:
+            raise ValueError(
+                f"guidance_scale must be a number >= 0, got {self.guidance_scale} (7.5 is Stable Diffusion's usual "
+                "value; <= 1 turns classifier-free guidance off)."
+            )
         if self.checkpointing_steps is not None and self.checkpointing_steps < 1:
             raise ValueError("checkpointing_steps must be >= 1 or None.")
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,7 @@ class PersonalizationTrainer:
         self.reference_images = to_pil_images(list(reference_images))
         if not self.reference_images:
             raise ValueError("reference_images is empty: personalization needs 3-6 photos of the subject.")
+        self._warn_about_photos()
         self.accelerator = accelerator or self._build_accelerator()
         self.components = self._resolve_model(model)
         if config.train_text_encoder and not self.components.supports_text_encoder_training:
@@ -147,6 +149,13 @@ class PersonalizationTrainer:
                 f"{type(self.components).__name__} cannot train its text encoder yet."
             )
         self.scorer = scorer if scorer is not None else self._load_scorer()
+        scorer_identifier = getattr(self.scorer, "identifier", config.identifier)
+        if scorer_identifier != config.identifier:
+            raise ValueError(
+                f"The scorer strips the identifier {scorer_identifier!r} but this run's is {config.identifier!r}: "
+                "ALIGN-T would be computed on prompts that still hold it. Use the same identifier for both "
+                f"(scorer.identifier = {config.identifier!r})."
+            )
         self.history: list[dict[str, Any]] = []
         self.best_step, self.best_reward = -1, -math.inf
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -163,6 +172,23 @@ class PersonalizationTrainer:
     # ---------------------------------------------------------------------------------------------
     # set-up
     # ---------------------------------------------------------------------------------------------
+    def _warn_about_photos(self) -> None:
+        """Say what to expect from too few or too small photos (training still runs)."""
+        n, side = len(self.reference_images), self.config.resolution
+        if n < 3:
+            warnings.warn(
+                f"Only {n} reference photo(s): personalization methods are made for 3-6, and with fewer the model "
+                "tends to copy the photo (pose, background) instead of learning the subject.",
+                stacklevel=3,
+            )
+        small = [i for i, im in enumerate(self.reference_images) if min(im.size) < side]
+        if small:
+            sizes = ", ".join(f"{self.reference_images[i].size[0]}x{self.reference_images[i].size[1]}" for i in small[:3])
+            warnings.warn(
+                f"{len(small)} reference photo(s) are smaller than the training resolution {side} px ({sizes}); "
+                "they are upscaled, so the model learns their blur. Use photos of at least that size.",
+                stacklevel=3,
+            )
     def _build_accelerator(self):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration

@@ -363,3 +363,23 @@ def test_checkpoint_limit_keeps_a_complete_checkpoint_and_resume_refuses_other_s
     more = make_trainer(tiny_sd_dir, tmp_path, clip_scorer, references,
                         **{**common, "seed": 4, "max_train_steps": 8}, resume_from_checkpoint="latest").train()  # fmt: skip
     assert more.global_step == 8
+
+
+def test_silent_wrong_settings_are_refused_and_weak_photos_warned(tiny_sd_dir, tmp_path, tiny_scorer_dirs):
+    from PIL import Image
+
+    from rpo_diffusers.rewards import LambdaHarmonicScorer
+
+    with pytest.raises(ValueError, match=r"guidance_scale must be a number >= 0, got nan"):
+        make_config(tiny_sd_dir, tmp_path, guidance_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"lora_alpha must be a positive number, got nan"):
+        make_config(tiny_sd_dir, tmp_path, use_lora=True, lora_alpha=float("nan"))
+    zwx = LambdaHarmonicScorer.from_pretrained(tiny_scorer_dirs["clip"], identifier="zwx")
+    photos = [Image.new("RGB", (40, 40), (i * 80, 30, 90)) for i in range(3)]
+    with pytest.raises(ValueError, match=r"strips the identifier 'zwx' but this run's is 'sks'"):
+        RPOTrainer(make_config(tiny_sd_dir, tmp_path), StableDiffusionPipeline.from_pretrained(tiny_sd_dir), zwx, photos)
+    sks = LambdaHarmonicScorer.from_pretrained(tiny_scorer_dirs["clip"])
+    with pytest.warns(UserWarning, match=r"Only 1 reference photo") as caught:
+        RPOTrainer(make_config(tiny_sd_dir, tmp_path), StableDiffusionPipeline.from_pretrained(tiny_sd_dir), sks,
+                   [Image.new("RGB", (1, 1))])  # fmt: skip
+    assert any("smaller than the training resolution 32 px (1x1)" in str(w.message) for w in caught)
