@@ -191,6 +191,19 @@ def summarize(rows: list[dict[str, Any]], methods: Sequence[Method]) -> list[dic
     return out
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def portable_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's arguments with paths inside this repository written relative to it (no checkout's path)."""
+    out = {}
+    for k, v in vars(args).items():
+        if isinstance(v, str) and Path(v).is_absolute() and Path(v).resolve().is_relative_to(REPO_ROOT):
+            v = str(Path(v).resolve().relative_to(REPO_ROOT))
+        out[k] = v
+    return out
+
+
 def format_table(summary: list[dict[str, Any]]) -> str:
     """A markdown table: mean ± std over subjects."""
     head = ["method", *METRICS]
@@ -444,7 +457,7 @@ def main(argv=None) -> int:
         for r in rows
     }
     (out / "summary.json").write_text(
-        json.dumps({"args": vars(args), "summary": summary, "runs": runs}, indent=2)
+        json.dumps({"args": portable_args(args), "summary": summary, "runs": runs}, indent=2)
     )
     x_key, y_key = ("identity_acc", "context_acc") if args.toy else ("dino", "clip_t")
     tradeoff_plot(summary, x_key, y_key).save(out / "tradeoff.png")
