@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import shutil
 import tempfile
@@ -26,6 +27,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .export import WRITE_ERRORS, ExportError, _write_failure
 
 STORE = ".rpo-results"
 CURRENT = "current"
@@ -57,13 +60,16 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(folder))
 
 
+@functools.cache
+def _renameat2():
+    """libc's renameat2, or None where the system has none."""
+    libc_name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+    fn = _renameat2()
     if fn is None:
         return False
     at_fdcwd = -100
@@ -197,6 +203,10 @@ def result_transaction(output_dir: str | os.PathLike, legacy_names: tuple[str, .
             _place_link(out, name)
         _fsync_dir(out)
         _switch(store, result)
+    except (*WRITE_ERRORS, ExportError) as err:  # a full disk, an I/O error: say what is left
+        shutil.rmtree(staging, ignore_errors=True)
+        cause = err.__cause__ if isinstance(err, ExportError) and err.__cause__ else err  # not the staging path
+        raise _write_failure(out, cause, "the previous result") from err
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -168,6 +168,10 @@ class PersonalizationTrainer:
             "validation": 0.0,
             "export": 0.0,
         }
+        # the first validation image per prompt (and its prompt's reward) at step 0 and at the best step,
+        # for the before/after picture; a resumed run no longer has step 0's in memory
+        self._base_cells: tuple[list[Image.Image], list[float]] | None = None
+        self._best_cells: tuple[list[Image.Image], list[float]] | None = None
 
     # ---------------------------------------------------------------------------------------------
     # set-up
@@ -559,7 +563,6 @@ class PersonalizationTrainer:
                 title=f"step {step}: validation reward {entry[0]['reward']:.3f} (λ_val {cfg.lambda_val})",
                 cell_size=128,
             )
-            # the first image per prompt, for the before/after picture of the exported model
             cells = ([row[0] for row in rows], list(per_prompt.values()))
             if step == 0:
                 self._base_cells = cells
@@ -946,8 +949,8 @@ class PersonalizationTrainer:
             method_label={"rpo": "RPO", "dreambooth": "DreamBooth", "dpg": "DPG"}.get(cfg.method, cfg.method),
         ).save(folder / PLOT_FILE)
         samples = []
-        base, best = getattr(self, "_base_cells", None), getattr(self, "_best_cells", None)
-        if base is not None and best is not None:  # (a resumed run no longer has step 0's images in memory)
+        base, best = self._base_cells, self._best_cells
+        if base is not None and best is not None:
             before_after_grid(
                 base[0], best[0], cfg.validation_prompts, "step 0 (base)", f"step {self.best_step} (chosen)",
                 base[1], best[1], title=f"{cfg.method.upper()}: validation prompts before and after",

@@ -191,3 +191,24 @@ def test_a_kill_at_any_system_call_of_an_export_leaves_one_whole_result(tiny_sd_
         assert versions == sorted(versions), (syscall, versions)  # old ... old, new ... new: never back
     assert {v for vs in outcomes.values() for v in vs} == {1, 2}
     print({s: f"{vs.count(1)} old / {vs.count(2)} new" for s, vs in outcomes.items()})
+
+
+def test_a_failed_write_names_the_output_folder_and_keeps_the_previous_result(tiny_sd_dir, tmp_path, monkeypatch):
+    from rpo_diffusers.export import ExportError
+
+    out = tmp_path / "out"
+    trainer = _trainer(tiny_sd_dir, out, "lora")
+    base = trainer.components.trainable_state_dict()
+    _set_version(trainer, base, 1)
+    trainer._finish(stopped_early=False)
+    _set_version(trainer, base, 2)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("rpo_diffusers.trainer.write_model_card", full_disk)  # the disk fills up mid-export
+    with pytest.raises(ExportError, match=rf"Saving to '{re.escape(str(out))}' failed \(the disk is full\); "
+                                          "the previous result is intact"):  # fmt: skip
+        trainer._finish(stopped_early=False)
+    assert _version_of(out, "lora", tiny_sd_dir, base) == 1
+    assert [p.name for p in (out / STORE).iterdir() if p.name.startswith("staging")] == []

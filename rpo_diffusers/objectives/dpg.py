@@ -135,8 +135,7 @@ class DPGObjective(DreamBoothObjective):
 
     def critic_value(self, inputs: torch.Tensor) -> torch.Tensor:
         """Q_φ(inputs) with φ held fixed: the policy's gradient flows into the inputs only."""
-        module = self.critic.module
-        base = module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) else module
+        base = self.ctx.accelerator.unwrap_model(self.critic.module)
         params = {name: p.detach() for name, p in base.named_parameters()}
         return torch.func.functional_call(base, params, (inputs,))
 
