@@ -22,26 +22,13 @@ from rpo_diffusers.losses import (
 )
 from rpo_diffusers.objectives import DPGObjective, DreamBoothObjective
 from rpo_diffusers.rewards import DinoReward
+from rpo_diffusers.testing.configs import tiny_config
 
 
 def make_config(tiny_sd_dir, output_dir, **overrides) -> RPOConfig:
-    settings = dict(
-        method="dpg",
-        class_noun="dog",
-        pretrained_model_name_or_path=str(tiny_sd_dir),
-        output_dir=str(output_dir),
-        resolution=32,
-        num_inference_steps=2,
-        guidance_scale=2.0,
-        num_validation_images=1,
-        max_train_steps=4,
-        validation_steps=2,
-        learning_rate=1e-3,
-        report_to="none",
-        train_prompts=["a sks dog on the beach", "a sks dog in the snow"],
-    )
-    settings.update(overrides)
-    return RPOConfig(**settings)
+    """A DPG run on the tiny pipeline."""
+    settings = dict(method="dpg", learning_rate=1e-3, train_prompts=["a sks dog on the beach", "a sks dog in the snow"])
+    return tiny_config(tiny_sd_dir, output_dir, **{**settings, **overrides})
 
 
 def make_trainer(tiny_sd_dir, output_dir, scorer, references, objective=None, **overrides) -> RPOTrainer:

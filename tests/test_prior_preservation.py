@@ -18,31 +18,18 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from rpo_diffusers import RPOConfig, RPOTrainer
+from rpo_diffusers.testing.configs import tiny_config
 
 TWO_PROMPTS = ["a sks dog on the beach", "a sks dog in the snow"]
 
 
 def make_config(tiny_sd_dir: Path, output_dir: Path, **overrides) -> RPOConfig:
+    """DreamBooth-style prior preservation on the tiny pipeline."""
     settings = dict(
-        class_noun="dog",
-        pretrained_model_name_or_path=str(tiny_sd_dir),
-        output_dir=str(output_dir),
-        train_prompts=TWO_PROMPTS,
-        resolution=32,
-        num_inference_steps=2,
-        guidance_scale=2.0,
-        images_per_prompt=1,
-        num_validation_images=1,
-        generation_batch_size=2,
-        max_train_steps=3,
-        validation_steps=3,
-        learning_rate=1e-3,
-        report_to="none",
-        with_prior_preservation=True,
-        num_class_images=3,
-    )
-    settings.update(overrides)
-    return RPOConfig(**settings)
+        train_prompts=TWO_PROMPTS, generation_batch_size=2, max_train_steps=3, validation_steps=3,
+        learning_rate=1e-3, with_prior_preservation=True, num_class_images=3,
+    )  # fmt: skip
+    return tiny_config(tiny_sd_dir, output_dir, **{**settings, **overrides})
 
 
 def make_trainer(tiny_sd_dir, output_dir, clip_scorer, references, events=None, **overrides) -> RPOTrainer:

@@ -18,18 +18,17 @@ from rpo_diffusers.export import (
     kohya_lora_delta,
 )
 from rpo_diffusers.testing.compare import assert_same_weights
+from rpo_diffusers.testing.configs import tiny_config
 
 
 def make_config(tiny_sd_dir, output_dir, **overrides) -> RPOConfig:
+    """DreamBooth with the text encoder trained, on the tiny pipeline."""
     settings = dict(
-        method="dreambooth", class_noun="dog", pretrained_model_name_or_path=str(tiny_sd_dir),
-        output_dir=str(output_dir), resolution=32, num_inference_steps=2, guidance_scale=2.0,
-        num_validation_images=1, max_train_steps=3, validation_steps=3, learning_rate=1e-2, report_to="none",
+        method="dreambooth", max_train_steps=3, validation_steps=3, learning_rate=1e-2,
         train_prompts=["a sks dog on the beach"], train_text_encoder=True, early_stopping=False,
         checkpointing_steps=3,
     )  # fmt: skip
-    settings.update(overrides)
-    return RPOConfig(**settings)
+    return tiny_config(tiny_sd_dir, output_dir, **{**settings, **overrides})
 
 
 def _ids(pipe) -> torch.Tensor:

@@ -16,6 +16,7 @@ from rpo_diffusers import RPOConfig, RPOTrainer
 from rpo_diffusers.components import DiffusersComponents
 from rpo_diffusers.export import LORA_DIFFUSERS_FILENAME
 from rpo_diffusers.rewards import ScoreResult
+from rpo_diffusers.testing.configs import tiny_config
 from rpo_diffusers.trainer import NonFiniteLossError
 
 
@@ -43,21 +44,7 @@ class ScriptedScorer:
 
 
 def make_config(tiny_sd_dir: Path, output_dir: Path, **overrides) -> RPOConfig:
-    settings = dict(
-        class_noun="dog",
-        pretrained_model_name_or_path=str(tiny_sd_dir),
-        output_dir=str(output_dir),
-        resolution=32,
-        num_inference_steps=2,
-        guidance_scale=2.0,
-        images_per_prompt=1,
-        num_validation_images=1,
-        max_train_steps=4,
-        validation_steps=2,
-        report_to="none",
-    )
-    settings.update(overrides)
-    return RPOConfig(**settings)
+    return tiny_config(tiny_sd_dir, output_dir, **overrides)
 
 
 def make_trainer(tiny_sd_dir, tmp_path, scorer, references, **overrides) -> RPOTrainer:
