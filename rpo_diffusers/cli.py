@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .data import list_image_files, load_image, load_image_folder
+from .errors import run_cli
 from .prompts import DEFAULT_IDENTIFIER
 
 DEFAULT_SCORER = "kakaobrain/align-base"
@@ -59,6 +60,9 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from .hub import resolve_model
+
+    if not args.prompt.strip():
+        raise ValueError('--prompt is empty: give the prompt the images were made for, e.g. "a sks dog on the Moon".')
 
     model = resolve_model(args.model, "scorer")  # an unreachable hub id fails before torch even loads
     from .rewards import LambdaHarmonicScorer
@@ -172,8 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     fmt = DefaultsHelpFormatter  # --help shows every default
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     p = sub.add_parser(
-        "score", help="λ-harmonic reward of a folder of images against reference photos", formatter_class=fmt
+        "score", help="λ-harmonic reward of a folder of images against reference photos", formatter_class=fmt, parents=[common]
     )
     p.add_argument("--references", required=True, help="folder with the subject's reference photos")
     p.add_argument("--images", required=True, help="folder with the images to score")
@@ -195,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     e = sub.add_parser(
-        "evaluate", help="DreamBench DINO / CLIP-I / CLIP-T of generated images", formatter_class=fmt
+        "evaluate", help="DreamBench DINO / CLIP-I / CLIP-T of generated images", formatter_class=fmt, parents=[common]
     )
     e.add_argument(
         "--images", required=True, help="IMAGES/<subject>/<prompt>/*.png (prompt.txt overrides the name)"
@@ -224,18 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser(
-        "demo", help="run RPO on the bundled default subject and models (no download)", formatter_class=fmt
+        "demo", help="run RPO on the bundled default subject and models (no download)", formatter_class=fmt, parents=[common]
     )
     add_demo_arguments(d)
     return parser
-
-
-def _is_project_error(err: BaseException) -> bool:
-    """Errors whose message is the whole story: a missing path or model, a bad value, or any error class
-    the project defines (ModelNotAvailableError, ExportError, ...). Anything else keeps its traceback."""
-    return isinstance(err, (FileNotFoundError, NotADirectoryError, ValueError)) or type(
-        err
-    ).__module__.startswith("rpo_diffusers.")
 
 
 def _quiet_loading_bars() -> None:
@@ -251,13 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not sys.stderr.isatty():
         _quiet_loading_bars()
-    try:
-        return int(args.func(args) or 0)
-    except Exception as err:
-        if not _is_project_error(err):
-            raise
-        print(f"error: {err}", file=sys.stderr)  # what we raise says what to do: one line, no traceback
-        return 2
+    return run_cli(lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -129,6 +129,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(p) as im:
             im.load()
             return to_rgb(im)
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"Image {str(p)!r} is too large to open safely ({err}); resize it to a few megapixels."
+        ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(
             f"Cannot read image {str(p)!r} ({err}): it is corrupt or not an image; replace or remove it."

@@ -35,11 +35,15 @@ class ExportError(RuntimeError):
 WRITE_ERRORS = (OSError, SafetensorError)
 
 
-def _write_failure(target: Path, err: BaseException, what: str = "the previous content there") -> ExportError:
+def describe_write_error(err: BaseException) -> str:
+    """A failed write in a few words: 'the disk is full' for ENOSPC (from Python or safetensors' Rust)."""
     text = str(err)
     full = getattr(err, "errno", None) == errno.ENOSPC or "os error 28" in text or "No space left" in text
-    reason = "the disk is full" if full else text
-    return ExportError(f"Saving to {str(target)!r} failed ({reason}); {what} is intact.")
+    return "the disk is full" if full else text
+
+
+def _write_failure(target: Path, err: BaseException, what: str = "the previous content there") -> ExportError:
+    return ExportError(f"Saving to {str(target)!r} failed ({describe_write_error(err)}); {what} is intact.")
 
 
 @contextmanager

@@ -17,6 +17,7 @@ does not exist, a connection that drops) is the same one-line error.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from functools import lru_cache
@@ -144,6 +145,38 @@ def check_safetensors_only(folder: str | os.PathLike) -> None:
             )
 
 
+def check_pipeline_folder(folder: str | os.PathLike) -> None:
+    """Refuse a local base-model folder that is not a complete diffusers pipeline, naming what is missing."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise NotADirectoryError(
+            f"Base model {str(root)!r} is a file; pass a diffusers pipeline folder (with model_index.json, unet/, "
+            "vae/, text_encoder/, tokenizer/, scheduler/) or a Hub id."
+        )
+    index = root / "model_index.json"
+    if not index.is_file():
+        alone = " it holds a single model (config.json), not a pipeline;" if (root / "config.json").is_file() else ""
+        raise FileNotFoundError(
+            f"Base model folder {str(root)!r} has no model_index.json:{alone} pass the folder of a whole diffusers "
+            "pipeline (saved with pipeline.save_pretrained(), with unet/, vae/, text_encoder/...)."
+        )
+    try:
+        components = json.loads(index.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{str(index)!r} is not valid JSON ({err}); restore the pipeline's model_index.json.") from err
+    missing = [
+        name
+        for name, spec in components.items()
+        if not name.startswith("_") and isinstance(spec, list) and spec[0] is not None and not (root / name).is_dir()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"Base model folder {str(root)!r} is incomplete: model_index.json lists {', '.join(missing)} but "
+            f"{'/, '.join(missing)}/ {'is' if len(missing) == 1 else 'are'} missing. Copy or download the whole "
+            "pipeline folder again."
+        )
+
+
 def resolve_model(name_or_path: str | os.PathLike, kind: str | None = None) -> str:
     """The path or Hub id to hand to ``from_pretrained``, or a one-line error now.
 
@@ -159,6 +192,8 @@ def resolve_model(name_or_path: str | os.PathLike, kind: str | None = None) -> s
         return str(bundled)
     expanded = os.path.expanduser(text)
     if os.path.exists(expanded):
+        if kind == "base model":
+            check_pipeline_folder(expanded)
         check_safetensors_only(expanded)
         return expanded
     if _looks_local(text):

@@ -48,7 +48,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     """Flush every file and folder of a staged result before it is published (a power cut, not only a kill)."""
     for folder, _, files in os.walk(root):
         for name in files:
@@ -79,6 +79,62 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(a))
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put the complete folder ``src`` at ``dst`` in one step; an existing ``dst`` is swapped out and removed.
+
+    Where the system has no atomic exchange, the old folder is moved aside first: a short window without it.
+    """
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    if _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # src now holds the old folder
+        return
+    aside = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(dst, aside)
+    os.replace(src, dst)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_dir(path: Path) -> None:
+    """Remove a folder so that a kill midway leaves nothing under its name: hidden first, then deleted."""
+    aside = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+class OutputNotWritableError(PermissionError):
+    """The output folder cannot be written (read-only mount, no permission)."""
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "output_dir") -> None:
+    """Fail now, naming the folder, if results could not be written there (a file, read-only, no permission).
+
+    Probes by creating and removing a file in the folder (or its nearest existing parent), since permission
+    bits say nothing about a read-only mount or, for root, anything at all.
+    """
+    target = Path(path).expanduser()
+    probe_dir = target
+    while not probe_dir.exists():
+        if probe_dir.is_symlink():
+            raise NotADirectoryError(f"{what} {str(target)!r}: {str(probe_dir)!r} is a broken symlink; fix or remove it.")
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise NotADirectoryError(
+            f"{what} {str(target)!r} is not a folder: {str(probe_dir)!r} is a file. Choose a folder path."
+        )
+    try:
+        fd, name = tempfile.mkstemp(prefix=".rpo-write-test-", dir=probe_dir)
+    except OSError as err:
+        reason = err.strerror.lower() if err.strerror else str(err)
+        raise OutputNotWritableError(
+            f"{what} {str(target)!r} cannot be written ({str(probe_dir)!r}: {reason}). Choose a folder you can "
+            "write to, or fix its permissions."
+        ) from err
+    os.close(fd)
+    os.unlink(name)
 
 
 def _link_target(name: str) -> str:
@@ -152,7 +208,7 @@ def _adopt_legacy(out: Path, names: list[str]) -> None:
             shutil.copytree(src, staging / name, symlinks=True)
         else:
             shutil.copy2(src, staging / name)
-    _fsync_tree(staging)
+    fsync_tree(staging)
     result = store / f"r-{uuid.uuid4().hex[:12]}"
     os.replace(staging, result)
     _switch(store, result)
@@ -196,7 +252,7 @@ def result_transaction(output_dir: str | os.PathLike, legacy_names: tuple[str, .
         yield staging
         names = sorted(p.name for p in staging.iterdir())
         _adopt_legacy(out, [*legacy_names, *names])
-        _fsync_tree(staging)
+        fsync_tree(staging)
         result = store / f"r-{uuid.uuid4().hex[:12]}"
         os.replace(staging, result)
         for name in names:  # new names first point at the old result (absent there: they dangle until the switch)

@@ -272,6 +272,10 @@ class LambdaHarmonicScorer:
             raise ValueError(
                 "No reference images: call scorer.set_reference_images(images) once, or pass reference_images=."
             )
+        if any(not str(p).strip() for p in ([prompts] if isinstance(prompts, str) else prompts)):
+            raise ValueError(
+                "An empty prompt: ALIGN-T would measure nothing. Give each image the prompt it was made for."
+            )
         image_feats = self.embed_images(images)
         n = image_feats.shape[0]
         prompt_list = [prompts] * n if isinstance(prompts, str) else list(prompts)

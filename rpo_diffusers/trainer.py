@@ -36,10 +36,18 @@ from .data import (
     load_image_folder,
     to_pil_images,
 )
-from .export import ExportError, atomic_output_dir, atomic_save_file, load_safetensors_only, write_model_card
+from .export import (
+    WRITE_ERRORS,
+    ExportError,
+    atomic_output_dir,
+    atomic_save_file,
+    describe_write_error,
+    load_safetensors_only,
+    write_model_card,
+)
 from .objectives import Objective, TrainingSet, make_objective
 from .plots import before_after_grid, labeled_grid, reward_plot
-from .publish import result_transaction
+from .publish import check_writable_dir, fsync_tree, remove_dir, replace_dir, result_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +69,10 @@ RESULT_NAMES = (
     "safety_checker", "rpo_unet.safetensors", "pytorch_lora_weights.safetensors", "rpo_lora_kohya.safetensors",
     "README.md", HISTORY_FILE, PLOT_FILE, "before_after.png",
 )  # fmt: skip
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (full disk, I/O error); the earlier ones are intact."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -129,7 +141,8 @@ class PersonalizationTrainer:
                 f"objective {type(objective).__name__} is method {objective.name!r} but config.method is "
                 f"{config.method!r}: set config.method={objective.name!r}."
             )
-        # before any model loads: an objective checks its own inputs (e.g. DPG's reward model folder)
+        # before any model loads: where results go, then each objective's own inputs (e.g. DPG's reward model)
+        check_writable_dir(self.output_dir)
         self.objective: Objective = objective or make_objective(config)
         if reference_images is None:
             if not config.instance_data_dir:
@@ -141,6 +154,8 @@ class PersonalizationTrainer:
         if not self.reference_images:
             raise ValueError("reference_images is empty: personalization needs 3-6 photos of the subject.")
         self._warn_about_photos()
+        # another run's checkpoint is refused before anything loads or is written (training images included)
+        self._resume_path = self._checkpoint_to_resume()
         self.accelerator = accelerator or self._build_accelerator()
         self.components = self._resolve_model(model)
         if config.train_text_encoder and not self.components.supports_text_encoder_training:
@@ -209,6 +224,11 @@ class PersonalizationTrainer:
         )
         # On a machine with no GPU, accelerate only sets up a multi-process (gloo) group when told cpu=True.
         no_gpu = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
+        if cfg.mixed_precision == "fp16" and no_gpu and not torch.backends.mps.is_available():
+            raise ValueError(
+                "mixed_precision='fp16' needs a GPU; on this CPU-only machine the run would silently train in fp32. "
+                "Use mixed_precision 'no' or 'bf16' here (--mixed_precision no)."
+            )
         return Accelerator(
             cpu=no_gpu,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -642,8 +662,11 @@ class PersonalizationTrainer:
         acc.register_load_state_pre_hook(load_hook)
 
     def _checkpoint_dirs(self) -> list[Path]:
+        """The complete checkpoints, oldest first (the state file is written last, so it marks one)."""
         dirs = [
-            d for d in self.output_dir.glob("checkpoint-*") if d.is_dir() and d.name.split("-")[-1].isdigit()
+            d
+            for d in self.output_dir.glob("checkpoint-*")
+            if d.is_dir() and d.name.split("-")[-1].isdigit() and (d / STATE_FILE).is_file()
         ]
         return sorted(dirs, key=lambda d: int(d.name.split("-")[-1]))
 
@@ -653,22 +676,24 @@ class PersonalizationTrainer:
         return json.loads(json.dumps(settings))
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-N`` complete under a temp name, rename it in, and only then drop old ones.
+        """Write ``checkpoint-N`` complete under a temp name, move it in with one rename, then drop old ones.
 
-        So there is always at least one complete checkpoint once one was written; a failed write removes its
-        temp folder and says so (the earlier checkpoints are untouched).
+        So there is always at least one complete checkpoint once one was written (a kill at any instant
+        included); a failed write removes its temp folder and says so, the earlier checkpoints untouched.
         """
         cfg, acc = self.config, self.accelerator
         final = self.output_dir / f"checkpoint-{self.global_step}"
         tmp = self.output_dir / f".checkpoint-{self.global_step}.tmp"
-        if acc.is_main_process:
-            for stale in self.output_dir.glob(".checkpoint-*.tmp"):  # what a killed run left
+        if acc.is_main_process:  # what a killed run left: temp folders, half-removed old checkpoints
+            for stale in [*self.output_dir.glob(".checkpoint-*.tmp"), *self.output_dir.glob(".checkpoint-*.old-*")]:
                 shutil.rmtree(stale, ignore_errors=True)
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp))
             acc.wait_for_everyone()  # every rank has written its RNG state before the folder is renamed
             if acc.is_main_process:
+                if self.best_state is not None:
+                    atomic_save_file(self.best_state, tmp / BEST_FILE)
                 state = {
                     "global_step": self.global_step,
                     "history": self.history,
@@ -677,25 +702,20 @@ class PersonalizationTrainer:
                     "validations_without_improvement": self.validations_without_improvement,
                     "settings": self._run_settings(),
                 }
-                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-                if self.best_state is not None:
-                    atomic_save_file(self.best_state, tmp / BEST_FILE)
-                if final.exists():  # a rerun of the same step: the new one replaces it
-                    aside = self.output_dir / f".{final.name}.old"
-                    os.replace(final, aside)
-                    os.replace(tmp, final)
-                    shutil.rmtree(aside, ignore_errors=True)
-                else:
-                    os.replace(tmp, final)
-        except (OSError, ExportError) as err:
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # last: it marks the folder complete
+                fsync_tree(tmp)
+                replace_dir(tmp, final)  # a rerun of the same step: the new one replaces it in one step
+        except (*WRITE_ERRORS, ExportError) as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise ExportError(
-                f"Writing {final.name} in {str(self.output_dir)!r} failed ({err}); earlier checkpoints are intact."
+            cause = err.__cause__ if isinstance(err, ExportError) and err.__cause__ else err
+            raise CheckpointError(
+                f"Writing {final.name} in {str(self.output_dir)!r} failed ({describe_write_error(cause)}); "
+                "earlier checkpoints are intact."
             ) from err
         if acc.is_main_process and cfg.checkpoints_total_limit is not None:
             existing = [d for d in self._checkpoint_dirs() if d != final]
             for old in existing[: max(0, len(existing) + 1 - cfg.checkpoints_total_limit)]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_dir(old)
         acc.wait_for_everyone()
         return final
 
@@ -713,10 +733,11 @@ class PersonalizationTrainer:
             "(--resume_any_config) to resume it anyway."
         )
 
-    def _resume(self) -> None:
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint ``resume_from_checkpoint`` names, checked before anything is loaded or written."""
         cfg = self.config
         if not cfg.resume_from_checkpoint:
-            return
+            return None
         if cfg.resume_from_checkpoint == "latest":
             dirs = self._checkpoint_dirs()
             if not dirs:
@@ -724,13 +745,18 @@ class PersonalizationTrainer:
                     "resume_from_checkpoint='latest' but no checkpoint in %s: starting fresh.",
                     self.output_dir,
                 )
-                return
+                return None
             path = dirs[-1]
         else:
             path = Path(cfg.resume_from_checkpoint)
             if not (path / STATE_FILE).exists():
                 raise FileNotFoundError(f"{str(path)!r} is not an RPO checkpoint (no {STATE_FILE}).")
         self._check_resumable(path)
+        return path
+
+    def _resume(self, path: Path | None) -> None:
+        if path is None:
+            return
         self.accelerator.load_state(str(path))
         state = json.loads((path / STATE_FILE).read_text())
         self.global_step = int(state["global_step"])
@@ -794,7 +820,7 @@ class PersonalizationTrainer:
             part.module, part.optimizer = acc.prepare(part.module, part.optimizer)
         optimizers = [optimizer, *(part.optimizer for part in auxiliary)]
         self._register_checkpoint_hooks(model)
-        self._resume()
+        self._resume(self._resume_path)
         if acc.is_main_process and cfg.report_to not in ("none", "", None) and acc.log_with:
             acc.init_trackers(
                 "rpo",

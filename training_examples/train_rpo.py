@@ -33,6 +33,7 @@ class ScriptArguments:
     )
     hub_token: str | None = field(default=None, metadata={"help": "Hub token; default: the logged-in token."})
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    debug: bool = field(default=False, metadata={"help": "Show the full traceback of an error."})
     skip_unreadable_images: bool = field(
         default=False,
         metadata={
@@ -90,7 +91,7 @@ def main(config: RPOConfig, script: ScriptArguments) -> int:
         hint = (
             "" if script.skip_unreadable_images else " (or pass --skip_unreadable_images to skip such files)"
         )
-        raise ValueError(f"{err}{hint}") from err
+        raise ValueError(f"{str(err).rstrip('.')}{hint}.") from err
     trainer = RPOTrainer(config, reference_images=references)
     result = trainer.train()
     if trainer.accelerator.is_main_process:
@@ -107,8 +108,6 @@ def main(config: RPOConfig, script: ScriptArguments) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(*parse_args()))
-    except (FileNotFoundError, NotADirectoryError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    from rpo_diffusers.errors import run_cli
+
+    sys.exit(run_cli(lambda: main(*parse_args()), debug="--debug" in sys.argv[1:]))
