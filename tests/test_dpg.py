@@ -375,8 +375,11 @@ def test_a_reward_model_without_an_image_tower_is_refused_before_loading(tmp_pat
 def test_dpg_trains_in_half_precision(tiny_sd_dir, tmp_path, clip_scorer, references, mixed_precision):
     cfg = make_config(tiny_sd_dir, tmp_path, use_lora=True, mixed_precision=mixed_precision, max_train_steps=2)
     steps = []
-    trainer = RPOTrainer(
+    from accelerate import Accelerator
+
+    trainer = RPOTrainer(  # the accelerator handed over: fp16 is refused on a CPU otherwise (GPU code path here)
         cfg, StableDiffusionPipeline.from_pretrained(tiny_sd_dir), clip_scorer, references,
+        accelerator=Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision),
         callbacks=[lambda e, p: steps.append(p) if e == "step" else None],
     )  # fmt: skip
     trainer.train()

@@ -47,6 +47,12 @@ def make_config(tiny_sd_dir: Path, output_dir: Path, **overrides) -> RPOConfig:
     return tiny_config(tiny_sd_dir, output_dir, **overrides)
 
 
+def _cpu_accelerator(mixed_precision: str):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+
+
 def make_trainer(tiny_sd_dir, tmp_path, scorer, references, **overrides) -> RPOTrainer:
     cfg = make_config(tiny_sd_dir, tmp_path / "out", **overrides)
     return RPOTrainer(cfg, StableDiffusionPipeline.from_pretrained(tiny_sd_dir), scorer, references)
@@ -244,9 +250,15 @@ def test_mixed_precision_trains_and_exports_fp32_weights(
 ):
     # the half-precision frozen parts, the fp32 trained UNet / LoRA and the frozen reference copy must all
     # meet in generation, the loss and validation (a dtype mismatch crashed every fp16/bf16 run on a GPU)
-    trainer = make_trainer(
-        tiny_sd_dir, tmp_path, clip_scorer, references, mixed_precision=precision, use_lora=use_lora,
-        max_train_steps=2, validation_steps=2, learning_rate=1e-3,
+    cfg = make_config(
+        tiny_sd_dir, tmp_path / "out", mixed_precision=precision, use_lora=use_lora, max_train_steps=2,
+        validation_steps=2, learning_rate=1e-3,
+    )  # fmt: skip
+    # fp16 is refused on a CPU unless the caller hands over the accelerator; here that runs the GPU's code path
+    # (half-precision frozen parts) with CPU arithmetic
+    trainer = RPOTrainer(
+        cfg, StableDiffusionPipeline.from_pretrained(tiny_sd_dir), clip_scorer, references,
+        accelerator=_cpu_accelerator(precision),
     )  # fmt: skip
     result = trainer.train()
     assert [h["step"] for h in result.history] == [0, 2]
