@@ -331,7 +331,7 @@ class RPOConfig:
                 "value; <= 1 turns classifier-free guidance off)."
             )
         if self.checkpointing_steps is not None and self.checkpointing_steps < 1:
-            raise ValueError("checkpointing_steps must be >= 1 or None.")
+            raise ValueError(f"checkpointing_steps must be >= 1 or None, got {self.checkpointing_steps}.")
 
     def _check_prior_preservation(self) -> None:
         """Validate the prior-preservation settings and fill in their defaults (only when it is on)."""

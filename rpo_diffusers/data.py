@@ -93,6 +93,10 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     return to_rgb(Image.fromarray(arr))
 
 
+class UnreadableImageError(ValueError):
+    """One photo cannot be read (corrupt, empty, a broken or looping symlink, too large to open safely)."""
+
+
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
     """Sorted image files (by extension) directly inside ``folder``; hidden files are ignored."""
     path = Path(folder)
@@ -119,22 +123,22 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         size = p.stat().st_size
     except OSError as err:  # a dangling symlink, a symlink loop
-        raise ValueError(
+        raise UnreadableImageError(
             f"Cannot read image {str(p)!r}: {err.strerror.lower() if err.strerror else err} (a broken or looping "
             "symlink?); fix the link or remove it."
         ) from err
     if size == 0:
-        raise ValueError(f"Image file {str(p)!r} is empty (0 bytes): replace or remove it.")
+        raise UnreadableImageError(f"Image file {str(p)!r} is empty (0 bytes): replace or remove it.")
     try:
         with Image.open(p) as im:
             im.load()
             return to_rgb(im)
     except Image.DecompressionBombError as err:
-        raise ValueError(
+        raise UnreadableImageError(
             f"Image {str(p)!r} is too large to open safely ({err}); resize it to a few megapixels."
         ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(
+        raise UnreadableImageError(
             f"Cannot read image {str(p)!r} ({err}): it is corrupt or not an image; replace or remove it."
         ) from err
 
@@ -161,7 +165,7 @@ def load_image_folder(
     for f in files:
         try:
             images.append(load_image(f))
-        except ValueError:
+        except UnreadableImageError:
             if not skip_unreadable:
                 raise
             logger.warning("Skipping unreadable image %s", f)

@@ -262,3 +262,20 @@ def test_the_script_ends_a_bad_input_with_exit_2_and_no_traceback_and_debug_show
     assert "Traceback" not in proc.stderr
     debug = subprocess.run([*argv, "--debug"], capture_output=True, text=True, env=env, timeout=300)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "guidance_scale" in debug.stderr
+
+
+def test_skip_unreadable_images_skips_each_bad_photo_with_a_warning_naming_it(earlier_run, tmp_path, caplog):
+    from rpo_diffusers.data import load_image_folder
+
+    _, photos = earlier_run
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    _bomb(folder / "bomb.png")
+    os.symlink("gone.png", folder / "dangling.png")
+    _loop(folder / "loop.png")
+    (folder / "empty.png").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="rpo_diffusers.data"):
+        images = load_image_folder(folder, skip_unreadable=True)
+    assert len(images) == 3
+    skipped = sorted(Path(r.args[0]).name for r in caplog.records if r.getMessage().startswith("Skipping"))
+    assert skipped == ["bomb.png", "dangling.png", "empty.png", "loop.png"]

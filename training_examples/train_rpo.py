@@ -37,7 +37,8 @@ class ScriptArguments:
     skip_unreadable_images: bool = field(
         default=False,
         metadata={
-            "help": "Skip corrupt/unreadable files in --instance_data_dir with a warning instead of failing."
+            "help": "Skip unreadable files in --instance_data_dir (corrupt, empty, broken symlinks, too large) with a "
+            "warning per file instead of failing."
         },
     )
 
@@ -72,13 +73,13 @@ def parse_args(input_args: list[str] | None = None) -> tuple[RPOConfig, ScriptAr
     for flag in flags:
         try:  # fail in a second, before loading anything
             check_model_path(getattr(config, flag), KINDS[flag])
-        except FileNotFoundError as err:
+        except (FileNotFoundError, NotADirectoryError, ValueError) as err:
             parser.error(f"--{flag}: {err}")
     return config, script
 
 
 def main(config: RPOConfig, script: ScriptArguments) -> int:
-    from rpo_diffusers.data import load_image_folder
+    from rpo_diffusers.data import UnreadableImageError, load_image_folder
     from rpo_diffusers.export import push_to_hub
     from rpo_diffusers.trainer import RPOTrainer
 
@@ -87,11 +88,10 @@ def main(config: RPOConfig, script: ScriptArguments) -> int:
         references = load_image_folder(
             config.instance_data_dir, skip_unreadable=script.skip_unreadable_images
         )
-    except ValueError as err:
-        hint = (
-            "" if script.skip_unreadable_images else " (or pass --skip_unreadable_images to skip such files)"
-        )
-        raise ValueError(f"{str(err).rstrip('.')}{hint}.") from err
+    except UnreadableImageError as err:  # one photo: say how to train without it
+        raise UnreadableImageError(
+            f"{str(err).rstrip('.')} (or pass --skip_unreadable_images to skip such files)."
+        ) from err
     trainer = RPOTrainer(config, reference_images=references)
     result = trainer.train()
     if trainer.accelerator.is_main_process:
