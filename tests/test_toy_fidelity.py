@@ -1,0 +1,50 @@
+"""training_examples/toy_fidelity.py --quick: a real short run whose report is consistent with its own rows."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from rpo_diffusers.stats import roc_auc, spearman
+from rpo_diffusers.toy import assets_available, get_subject
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not assets_available(), reason="the toy world's models are not built")
+def test_quick_fidelity_report_follows_from_the_judged_images(tmp_path):
+    spec = importlib.util.spec_from_file_location("toy_fidelity", REPO / "training_examples/toy_fidelity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["toy_fidelity"] = module
+    spec.loader.exec_module(module)
+    assert module.main(["--quick", "--output_dir", str(tmp_path)]) == 0
+
+    report = json.loads((tmp_path / "fidelity_report.json").read_text())
+    with (tmp_path / "images.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    prompts = get_subject("redblue_ball").evaluation_prompts()
+    validations = [0, 20, 40]  # --quick: 40 steps, validation every 20
+    assert len(rows) == report["images"] == len(prompts) * 2 * len(validations)
+    assert sorted({int(r["step"]) for r in rows}) == validations
+    # the same seeds at every step: each step draws the same (prompt, seed) pairs
+    pairs = {s: {(r["prompt"], r["seed"]) for r in rows if int(r["step"]) == s} for s in validations}
+    assert pairs[0] == pairs[20] == pairs[40] and len(pairs[0]) == len(prompts) * 2
+    identity = [r["identity"] == "True" for r in rows]
+    assert 0 < sum(identity) < len(identity)  # the seeded quick run has both classes, so the AUC is defined
+    assert report["align_i_identity_auc"] == pytest.approx(roc_auc([float(r["align_i"]) for r in rows], identity))
+    (run,) = report["runs"]
+    steps = {s: [r for r in rows if int(r["step"]) == s] for s in validations}
+    truth = []
+    for s in validations:
+        i = sum(r["identity"] == "True" for r in steps[s]) / len(steps[s])
+        c = sum(r["context"] == "True" for r in steps[s]) / len(steps[s])
+        truth.append(module.harmonic(i, c))
+    assert run["truth_best"] == pytest.approx(max(truth))
+    assert run["chosen_step"] in validations and 0 <= run["fraction_of_best"] <= 1
+    assert run["spearman"] == pytest.approx(spearman(report["runs_val_rewards"][0], truth))
