@@ -80,3 +80,23 @@ def test_benchmark_runs_on_dreambench_with_given_checkpoints(
         bench.parse_args(["--dreambench_dir", str(dreambench_dir)])  # real checkpoints must be named
     with pytest.raises(ValueError, match="Not DreamBench subjects"):
         bench.main([*argv[:4], "--subjects", "no_such_subject", *argv[6:]])
+
+
+def test_summary_gives_intervals_and_a_paired_comparison_with_dreambooth():
+    bench = load_benchmark()
+    methods = [m for m in bench.METHODS if m.name in ("dreambooth", "rpo_lambda0.5")]
+    rows = []
+    for i, subject in enumerate(["a", "b", "c", "d"]):
+        for name, identity in (("dreambooth", 0.2 + 0.1 * i), ("rpo_lambda0.5", 0.3 + 0.1 * i - 0.15 * (i == 3))):
+            row = {k: 0.5 for k in bench.METRICS}
+            row.update(subject=subject, method=name, identity_acc=identity)
+            rows.append(row)
+    summary = {s["method"]: s for s in bench.summarize(rows, methods)}
+    low, high = summary["dreambooth"]["identity_acc_ci"]
+    assert low < summary["dreambooth"]["identity_acc"][0] < high
+    paired = summary["rpo_lambda0.5"]["vs_dreambooth"]["identity_acc"]
+    assert (paired["wins"], paired["losses"], paired["subjects"]) == (3, 1, 4)
+    assert paired["mean_diff"] == pytest.approx((0.1 * 3 - 0.05) / 4)
+    assert "vs_dreambooth" not in summary["dreambooth"]
+    table = bench.format_comparison(list(summary.values()), ["identity_acc"])
+    assert "| RPO λ_val 0.5 | +0.062 [" in table and "wins 3/4" in table

@@ -23,7 +23,8 @@ Validation (what early stopping sees) uses the training prompts; evaluation uses
 prompts, with the same seeds for every method. Columns: DINO, CLIP-I, CLIP-T (evaluation encoders, never the
 scorer), the λ-harmonic reward at λ 0.5 (the scorer), and on the toy world the ground-truth identity and
 context accuracy from the attribute classifier; wall time is the training run's (generation, training,
-validation, export). The table shows mean ± std over subjects; ``results.csv`` has one row per subject and
+validation, export). The table shows the mean over subjects with its 95% bootstrap interval, and a second table
+each method minus DreamBooth on the same subjects (paired: mean, interval, subjects won); ``results.csv`` has one row per subject and
 method; ``grids/`` one image per subject (a row per method); ``tradeoff.png`` plots identity against context.
 """
 
@@ -47,6 +48,7 @@ from rpo_diffusers.config import RPOConfig
 from rpo_diffusers.data import load_image_folder, make_image_grid
 from rpo_diffusers.evaluation import Judges, generate_images, load_result_pipeline
 from rpo_diffusers.prompts import evaluation_prompts, load_dreambench_classes, subject_type_for
+from rpo_diffusers.stats import bootstrap_ci, paired_comparison
 
 
 @dataclass(frozen=True)
@@ -176,9 +178,14 @@ def load_judges(args) -> Judges:
     )  # fmt: skip
 
 
+BASELINE = "dreambooth"
+
+
 def summarize(rows: list[dict[str, Any]], methods: Sequence[Method]) -> list[dict[str, Any]]:
-    """Mean and std over subjects of every metric, one entry per method (in METHODS order)."""
+    """Per method (in METHODS order) and metric: (mean, std) over subjects, the 95% bootstrap interval of the
+    mean (``<metric>_ci``), and on the same subjects the paired difference to DreamBooth (``vs_dreambooth``)."""
     out = []
+    baseline = {r["subject"]: r for r in rows if r["method"] == BASELINE}
     for m in methods:
         mine = [r for r in rows if r["method"] == m.name]
         if not mine:
@@ -187,6 +194,15 @@ def summarize(rows: list[dict[str, Any]], methods: Sequence[Method]) -> list[dic
         for k in METRICS:
             values = [float(r[k]) for r in mine if r.get(k) not in (None, "")]
             entry[k] = (float(np.mean(values)), float(np.std(values))) if values else None
+            entry[f"{k}_ci"] = bootstrap_ci(values)[1:] if values else None
+        if m.name != BASELINE and baseline:
+            paired = [r for r in mine if r["subject"] in baseline]
+            entry["vs_dreambooth"] = {
+                k: paired_comparison([float(r[k]) for r in paired], [float(baseline[r["subject"]][k]) for r in paired])
+                for k in METRICS
+                if k != "wall_s" and all(r.get(k) not in (None, "") for r in paired)
+                and all(baseline[r["subject"]].get(k) not in (None, "") for r in paired)
+            }  # fmt: skip
         out.append(entry)
     return out
 
@@ -205,20 +221,39 @@ def portable_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_table(summary: list[dict[str, Any]]) -> str:
-    """A markdown table: mean ± std over subjects."""
-    head = ["method", *METRICS]
+    """A markdown table: mean over subjects with its 95% bootstrap interval."""
+    head = ["method", "n", *METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
-        cells = [s["label"]]
+        cells = [s["label"], str(s["subjects"])]
         for k in METRICS:
-            v = s[k]
+            v, ci = s[k], s.get(f"{k}_ci")
             if v is None:
                 cells.append("–")
             elif k == "wall_s":
                 cells.append(f"{v[0]:.0f} ± {v[1]:.0f}")
             else:
-                cells.append(f"{v[0]:.3f} ± {v[1]:.3f}")
+                cells.append(f"{v[0]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v[0]:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_comparison(summary: list[dict[str, Any]], keys: Sequence[str]) -> str:
+    """A markdown table: each method minus DreamBooth on the same subjects (mean, 95% interval, wins / n);
+    a difference is marked * when its interval excludes 0."""
+    lines = ["| method vs DreamBooth | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for s in summary:
+        comparison = s.get("vs_dreambooth")
+        if not comparison:
+            continue
+        cells = []
+        for k in keys:
+            c = comparison.get(k)
+            cells.append(
+                "–" if c is None else f"{c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+                f"{'*' if c['excludes_zero'] else ''}, wins {c['wins']}/{c['subjects']}"
+            )
+        lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -309,9 +344,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_inference_steps", type=int, default=None)
     p.add_argument("--guidance_scale", type=float, default=None)
     p.add_argument("--images_per_prompt", type=int, default=4, help="base-model training images per prompt")
-    p.add_argument("--num_validation_images", type=int, default=2)
+    p.add_argument("--num_validation_images", type=int, default=4, help="per training prompt (the paper's 4)")
     p.add_argument("--num_class_images", type=int, default=50, help="prior preservation's class images")
-    p.add_argument("--num_eval_images", type=int, default=4, help="images per held-out prompt")
+    p.add_argument("--num_eval_images", type=int, default=16, help="images per held-out prompt")
     p.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -449,7 +484,8 @@ def main(argv=None) -> int:
         grid = subject_grid(subject.name, grid_rows, subject.eval_prompts)
         grid.save(out / "grids" / f"{subject.name}.png")
     summary = summarize(rows, methods)
-    table = format_table(summary)
+    compared = ("identity_acc", "context_acc", "lambda_harmonic") if args.toy else ("dino", "clip_i", "clip_t")
+    table = format_table(summary) + "\n\n" + format_comparison(summary, compared)
     print("\n" + table)
     (out / "table.md").write_text(table + "\n")
     runs = {

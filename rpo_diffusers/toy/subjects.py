@@ -108,6 +108,15 @@ SUBJECTS: dict[str, Subject] = {
         Subject("yellowpurple_box", "box", "yellow", "purple"),
         Subject("greenorange_cone", "cone", "green", "orange"),
         Subject("whiteblack_ring", "ring", "white", "black"),
+        # three per class noun; first colours avoid the prompts' colour changes (green, purple, orange)
+        Subject("blueyellow_ball", "ball", "blue", "yellow"),
+        Subject("blackorange_ball", "ball", "black", "orange"),
+        Subject("redwhite_box", "box", "red", "white"),
+        Subject("whitegreen_box", "box", "white", "green"),
+        Subject("blueblack_cone", "cone", "blue", "black"),
+        Subject("yellowred_cone", "cone", "yellow", "red"),
+        Subject("redyellow_ring", "ring", "red", "yellow"),
+        Subject("bluepurple_ring", "ring", "blue", "purple"),
     )
 }
 
