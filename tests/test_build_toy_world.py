@@ -6,6 +6,7 @@ Runs the script's `--quick` mode (tiny data and step counts) as real subprocesse
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,15 +31,19 @@ def _finish(proc: subprocess.Popen) -> None:
 
 def test_two_processes_share_the_report_and_rebuilds_are_identical(tmp_path):
     shared = tmp_path / "shared"
-    first, second = _build(shared, "vae"), _build(shared, "scorer", "clip_eval")
+    first, second = _build(shared, "vae", "sd"), _build(shared, "clip_eval")
     _finish(first)
     _finish(second)
+    _finish(_build(shared, "scorer"))  # the scorer learns from the generator's own samples: after vae and sd
     report = json.loads((shared / "build_report.json").read_text())
-    for stage in ("vae", "scorer", "clip_eval"):  # neither process erased the other's entries
+    for stage in ("vae", "sd", "clip_eval", "scorer"):  # neither process erased the other's entries
         assert report[stage]["seconds"] > 0, stage
+    assert report["scorer"]["generator_samples"] > 0 and report["scorer"]["final_image_loss"] > 0
     assert not list(shared.glob("_tok*")) and not list(shared.glob("*.tmp*"))
 
     again = tmp_path / "again"
+    again.mkdir()
+    shutil.copytree(shared / "sd", again / "sd")
     _finish(_build(again, "scorer"))
     for name in ("scorer/model.safetensors", "scorer/config.json", "scorer/tokenizer_config.json"):
         assert (again / name).read_bytes() == (shared / name).read_bytes(), name

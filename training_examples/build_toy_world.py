@@ -9,7 +9,9 @@ Stages (each saved with ``save_pretrained`` as soon as it is done, and skipped w
   vae         AutoencoderKL, 32 px -> 4x8x8 latents, on base-distribution renders
   sd          CLIPTextModel + UNet2DConditionModel (ε-prediction) on (latent, caption) pairs -> a
               StableDiffusionPipeline folder that ``from_pretrained`` loads
-  scorer      CLIPModel trained contrastively on (image, caption): the ALIGN stand-in for the λ-harmonic reward
+  scorer      CLIPModel trained contrastively on (image, caption) and image to image: the ALIGN stand-in for the
+              λ-harmonic reward; learns from renders, their VAE round trips and the generator's own samples,
+              so it needs the vae and sd stages first
   clip_eval   a second, differently seeded and shaped CLIPModel: the CLIP-I / CLIP-T stand-in for evaluation
   dino_eval   ViTModel trained to put the same object (shape, colours, pattern) together across contexts: DINO stand-in
   classifier  ground-truth attribute classifier (ResNetForImageClassification, one label group per attribute)
@@ -27,6 +29,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -299,8 +302,13 @@ def continue_sd(out: Path, data: torch.Tensor, scenes: list[Scene], steps: int, 
     report["sd_continue"] = {"steps": steps, "final_loss": float(np.mean(losses[-200:]))}
 
 
-def _clip(out_dir: Path, data, scenes, steps, seed, hidden, layers, patch, report_key, report):
+def _clip(out_dir: Path, data, captions, steps, seed, hidden, layers, patch, report_key, report, views=None):
+    """A CLIPModel trained contrastively on (image, caption). With ``views`` (:class:`ScorerViews`) it also
+    learns image-to-image: two pictures of one look (another context, the VAE's or the generator's version)
+    are close, the same colours without the look (hard negatives) far, as ALIGN's image tower behaves."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from rpo_diffusers.rewards import model_output_features
 
     tokenizer = CLIPTokenizer.from_pretrained(
         write_clip_tokenizer(out_dir.parent / f"_tok_{report_key}", WORDS), model_max_length=24
@@ -320,34 +328,120 @@ def _clip(out_dir: Path, data, scenes, steps, seed, hidden, layers, patch, repor
                                            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]),
         tokenizer=tokenizer,
     )  # fmt: skip
-    ids = tokenizer(
-        [s.caption() for s in scenes],
-        padding="max_length",
-        max_length=24,
-        truncation=True,
-        return_tensors="pt",
-    )
+    ids = tokenizer(list(captions), padding="max_length", max_length=24, truncation=True, return_tensors="pt")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     lr = warmup_cosine(opt, steps)
     g = torch.Generator().manual_seed(seed)
-    losses = []
+    losses, image_losses = [], []
+
+    def embed(idx: torch.Tensor) -> torch.Tensor:
+        return F.normalize(model_output_features(model.get_image_features(pixel_values=degrade(data[idx], g))), dim=-1)
+
     for i, idx in enumerate(batches(len(data), 128, steps, seed)):
+        if views is not None:  # half the batch: 32 looks next to their hard negatives (same colours, another look)
+            j = idx[64:96] % len(views.hard)
+            idx = torch.cat([idx[:64], views.hard_anchor[j], views.hard[j]])
         out = model(
             input_ids=ids.input_ids[idx],
             attention_mask=ids.attention_mask[idx],
             pixel_values=degrade(data[idx], g),
             return_loss=True,
         )
+        loss = out.loss
+        if views is not None:
+            pick = torch.randint(0, len(views.first), (64,), generator=g)
+            a, b = embed(views.first[pick]), embed(views.second[pick])
+            negatives = embed(views.hard[torch.randint(0, len(views.hard), (64,), generator=g)])
+            scale = model.logit_scale.exp()
+            targets = torch.arange(64)
+            image_loss = (
+                F.cross_entropy(scale * a @ torch.cat([b, negatives]).T, targets)
+                + F.cross_entropy(scale * b @ a.T, targets)
+            ) / 2
+            loss = loss + image_loss
+            image_losses.append(image_loss.item())
         opt.zero_grad()
-        out.loss.backward()
+        loss.backward()
         opt.step()
         lr.step()
         losses.append(out.loss.item())
         if i % 100 == 0:
-            log(f"{report_key} step {i}: {np.mean(losses[-100:]):.4f}")
+            extra = f", image-image {np.mean(image_losses[-100:]):.4f}" if image_losses else ""
+            log(f"{report_key} step {i}: {np.mean(losses[-100:]):.4f}{extra}")
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     report[report_key] = {"steps": steps, "final_loss": float(np.mean(losses[-100:]))}
+    if image_losses:
+        report[report_key]["final_image_loss"] = float(np.mean(image_losses[-100:]))
+
+
+@dataclass
+class ScorerViews:
+    """Index tensors into the scorer's image pool: ``first[k]`` and ``second[k]`` show one look; ``hard[j]``
+    has the colours and context of ``hard_anchor[j]`` with another pattern."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+    hard: torch.Tensor
+    hard_anchor: torch.Tensor
+
+
+def scorer_data(out: Path, n: int, n_generated: int, seed: int = 2) -> tuple[torch.Tensor, list[str], ScorerViews]:
+    """What the ALIGN stand-in learns from, as a web-scale model has seen images like the generator's:
+    renders of every appearance (the held-out split look included), the same looks in other contexts, the
+    same colours in another pattern (hard negatives), the bundled VAE's round trips of all of these, and the
+    bundled generator's own samples of base-distribution captions. Needs the vae and sd stages."""
+    from dataclasses import replace
+
+    from diffusers import StableDiffusionPipeline
+
+    from rpo_diffusers.toy.world import ACCESSORIES, BACKGROUNDS, STYLES, random_pose
+
+    renders, scenes = make_dataset(n, seed=seed, sampler=classifier_scene)
+    rng = np.random.default_rng(seed + 100)
+    elsewhere = [
+        replace(s, background=str(rng.choice(BACKGROUNDS)), accessory=str(rng.choice(ACCESSORIES, p=[0.8, 0.2])),
+                style=str(rng.choice(STYLES, p=[0.85, 0.15])), **random_pose(rng))
+        for s in scenes
+    ]  # fmt: skip
+    other_look = [replace(s, pattern=str(rng.choice([p for p in (*PATTERNS, SPLIT) if p != s.pattern]))) for s in scenes]
+
+    def draw(scene_list: list[Scene], offset: int) -> torch.Tensor:
+        arr = np.stack([np.asarray(render(sc, size=SIZE, seed=offset + i)) for i, sc in enumerate(scene_list)])
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    twins, hard = draw(elsewhere, 7_000_000), draw(other_look, 8_000_000)
+    round_trips = vae_roundtrips(out, torch.cat([renders, twins, hard]))
+    gen_scenes = [random_scene(rng) for _ in range(n_generated)]
+    pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
+    pipe.set_progress_bar_config(disable=True)
+    t = time.perf_counter()
+    generated = generate(pipe, [sc.caption() for sc in gen_scenes], seed=9_000_000)
+    log(f"scorer data: {n_generated} generator samples in {time.perf_counter() - t:.0f}s")
+    gen_pixels = torch.from_numpy(np.stack([np.asarray(im) for im in generated])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    pool = torch.cat([renders, twins, hard, round_trips, gen_pixels, draw(gen_scenes, 9_500_000)])
+    captions = [sc.caption() for sc in (*scenes, *elsewhere, *other_look, *scenes, *elsewhere, *other_look, *gen_scenes, *gen_scenes)]
+    r = torch.arange(n)
+    render_i, twin_i, hard_i = r, n + r, 2 * n + r
+    rt_render, rt_twin, rt_hard = 3 * n + r, 4 * n + r, 5 * n + r
+    g = torch.arange(n_generated)
+    gen_i, gen_render = 6 * n + g, 6 * n + n_generated + g
+    views = ScorerViews(
+        first=torch.cat([render_i, rt_render, render_i, gen_i]),
+        second=torch.cat([twin_i, twin_i, rt_twin, gen_render]),
+        hard=torch.cat([hard_i, rt_hard]),
+        hard_anchor=torch.cat([render_i, rt_render]),
+    )
+    return pool, captions, views
+
+
+def build_scorer(out: Path, n: int, n_generated: int, steps: int, report: dict) -> None:
+    """The λ-harmonic scorer (the ALIGN stand-in): its own sample of the world and of the generator."""
+    t = time.perf_counter()
+    pool, captions, views = scorer_data(out, n, n_generated)
+    log(f"scorer data: {len(pool)} images in {time.perf_counter() - t:.0f}s")
+    _clip(out / "scorer", pool, captions, steps, 11, 64, 3, 4, "scorer", report, views=views)
+    report["scorer"].update(images=len(pool), generator_samples=n_generated)
 
 
 def _labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
@@ -772,20 +866,16 @@ def main(argv=None) -> None:
         log(f"rendered {n} judge images (with the held-out pattern) in {time.perf_counter() - t:.0f}s")
         return made
 
-    @functools.cache
-    def scorer_data() -> tuple[torch.Tensor, list[Scene]]:
-        # the ALIGN stand-in has seen every appearance (like a web-scale model), from its own sample
-        return make_dataset(n, seed=2, sampler=classifier_scene)
 
     jobs = {
         "vae": (lambda: build_vae(out, base()[0], steps(900), report), out / "sd" / "vae" / "config.json"),
         "vae_decoder": (lambda: build_vae_decoder(out, base()[0], steps(1500), report), "vae_decoder"),
         "sd": (lambda: build_sd(out, *base(), steps(1300), report), out / "sd" / "model_index.json"),
         "sd_continue": (lambda: continue_sd(out, *base(), steps(6000), report), "sd_continue"),
-        "scorer": (lambda: _clip(out / "scorer", *scorer_data(), steps(800), 11, 64, 3, 4, "scorer", report),
+        "scorer": (lambda: build_scorer(out, n, max(int(2000 * scale), 64), steps(800), report),
                    out / "scorer" / "config.json"),
-        "clip_eval": (lambda: _clip(out / "clip_eval", *judge(), steps(800), 12, 96, 2, 8, "clip_eval", report),
-                      out / "clip_eval" / "config.json"),
+        "clip_eval": (lambda: _clip(out / "clip_eval", judge()[0], [sc.caption() for sc in judge()[1]], steps(800), 12, 96,
+                                    2, 8, "clip_eval", report), out / "clip_eval" / "config.json"),
         "dino_eval": (lambda: build_dino(out, *judge(), steps(600), report), out / "dino_eval" / "config.json"),
         "classifier": (lambda: build_classifier(out, *judge(), steps(2000), report), out / "classifier" / "config.json"),
         "evaluate": (lambda: evaluate(out, report, 16 if args.quick else 96), None),

@@ -52,7 +52,7 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
     subject = get_subject(subject_name)
     classifier = load_classifier()
     config = RPOConfig(
-        pretrained_model_name_or_path=str(asset_path("sd")), scorer_model_name_or_path=str(asset_path("scorer")),
+        pretrained_model_name_or_path=str(asset_path("sd")), scorer_model_name_or_path=args.scorer,
         class_noun=subject.class_noun, train_prompts=subject.training_prompts(),
         output_dir=str(Path(args.output_dir) / "runs" / subject_name / method), report_to="none",
         resolution=SAMPLING["resolution"], num_inference_steps=SAMPLING["num_inference_steps"],
@@ -161,6 +161,7 @@ def format_report(rep: dict[str, Any]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--scorer", default=None, help="the λ-harmonic scorer to measure (default: the bundled one)")
     p.add_argument("--subjects", nargs="+", choices=sorted(SUBJECTS), default=None, help="default: all")
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS))
     p.add_argument("--max_train_steps", type=int, default=400)
@@ -173,6 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     p.add_argument("--quick", action="store_true", help="one subject, DreamBooth, 40 steps: a smoke test")
     args = p.parse_args(argv)
+    args.scorer = args.scorer or str(asset_path("scorer"))
     if args.quick:
         args.subjects, args.methods = args.subjects or ["redblue_ball"], ["dreambooth"]
         args.max_train_steps, args.validation_steps, args.images_per_prompt = 40, 20, 1
