@@ -31,22 +31,23 @@ def _finish(proc: subprocess.Popen) -> None:
 
 def test_two_processes_share_the_report_and_rebuilds_are_identical(tmp_path):
     shared = tmp_path / "shared"
-    first, second = _build(shared, "vae", "sd"), _build(shared, "clip_eval")
+    first, second = _build(shared, "vae", "sd"), _build(shared, "scorer", "clip_eval")
     _finish(first)
     _finish(second)
-    _finish(_build(shared, "scorer"))  # the scorer learns from the generator's own samples: after vae and sd
+    _finish(_build(shared, "scorer_domain"))  # learns from the generator's own samples: after vae and sd
     report = json.loads((shared / "build_report.json").read_text())
-    for stage in ("vae", "sd", "clip_eval", "scorer"):  # neither process erased the other's entries
+    for stage in ("vae", "sd", "scorer", "clip_eval", "scorer_domain"):  # no process erased another's entries
         assert report[stage]["seconds"] > 0, stage
-    assert report["scorer"]["generator_samples"] > 0 and report["scorer"]["final_image_loss"] > 0
+    assert report["scorer_domain"]["generator_samples"] > 0 and report["scorer_domain"]["final_image_loss"] > 0
     assert not list(shared.glob("_tok*")) and not list(shared.glob("*.tmp*"))
 
     again = tmp_path / "again"
     again.mkdir()
     shutil.copytree(shared / "sd", again / "sd")
-    _finish(_build(again, "scorer"))
-    for name in ("scorer/model.safetensors", "scorer/config.json", "scorer/tokenizer_config.json"):
-        assert (again / name).read_bytes() == (shared / name).read_bytes(), name
+    _finish(_build(again, "scorer", "scorer_domain"))
+    for stage in ("scorer", "scorer_domain"):
+        for name in ("model.safetensors", "config.json", "tokenizer_config.json"):
+            assert (again / stage / name).read_bytes() == (shared / stage / name).read_bytes(), (stage, name)
     # a finished stage is not built again (the build resumes where it stopped)
     before = (again / "scorer" / "model.safetensors").stat().st_mtime_ns
     _finish(_build(again, "scorer"))

@@ -9,9 +9,10 @@ Stages (each saved with ``save_pretrained`` as soon as it is done, and skipped w
   vae         AutoencoderKL, 32 px -> 4x8x8 latents, on base-distribution renders
   sd          CLIPTextModel + UNet2DConditionModel (ε-prediction) on (latent, caption) pairs -> a
               StableDiffusionPipeline folder that ``from_pretrained`` loads
-  scorer      CLIPModel trained contrastively on (image, caption) and image to image: the ALIGN stand-in for the
-              λ-harmonic reward; learns from renders, their VAE round trips and the generator's own samples,
-              so it needs the vae and sd stages first
+  scorer      CLIPModel trained contrastively on (image, caption): the ALIGN stand-in for the λ-harmonic reward
+  scorer_domain  the same model also trained image to image, on renders, the same looks in other contexts, hard
+              negatives, their VAE round trips and the generator's own samples (a web-scale model has seen
+              images like the generator's); needs the vae and sd stages first
   clip_eval   a second, differently seeded and shaped CLIPModel: the CLIP-I / CLIP-T stand-in for evaluation
   dino_eval   ViTModel trained to put the same object (shape, colours, pattern) together across contexts: DINO stand-in
   classifier  ground-truth attribute classifier (ResNetForImageClassification, one label group per attribute)
@@ -386,7 +387,7 @@ class ScorerViews:
     hard_anchor: torch.Tensor
 
 
-def scorer_data(out: Path, n: int, n_generated: int, seed: int = 2) -> tuple[torch.Tensor, list[str], ScorerViews]:
+def domain_scorer_data(out: Path, n: int, n_generated: int, seed: int = 2) -> tuple[torch.Tensor, list[str], ScorerViews]:
     """What the ALIGN stand-in learns from, as a web-scale model has seen images like the generator's:
     renders of every appearance (the held-out split look included), the same looks in other contexts, the
     same colours in another pattern (hard negatives), the bundled VAE's round trips of all of these, and the
@@ -417,7 +418,7 @@ def scorer_data(out: Path, n: int, n_generated: int, seed: int = 2) -> tuple[tor
     pipe.set_progress_bar_config(disable=True)
     t = time.perf_counter()
     generated = generate(pipe, [sc.caption() for sc in gen_scenes], seed=9_000_000)
-    log(f"scorer data: {n_generated} generator samples in {time.perf_counter() - t:.0f}s")
+    log(f"scorer_domain data: {n_generated} generator samples in {time.perf_counter() - t:.0f}s")
     gen_pixels = torch.from_numpy(np.stack([np.asarray(im) for im in generated])).permute(0, 3, 1, 2).float() / 127.5 - 1
     pool = torch.cat([renders, twins, hard, round_trips, gen_pixels, draw(gen_scenes, 9_500_000)])
     captions = [sc.caption() for sc in (*scenes, *elsewhere, *other_look, *scenes, *elsewhere, *other_look, *gen_scenes, *gen_scenes)]
@@ -435,13 +436,14 @@ def scorer_data(out: Path, n: int, n_generated: int, seed: int = 2) -> tuple[tor
     return pool, captions, views
 
 
-def build_scorer(out: Path, n: int, n_generated: int, steps: int, report: dict) -> None:
-    """The λ-harmonic scorer (the ALIGN stand-in): its own sample of the world and of the generator."""
+def build_domain_scorer(out: Path, n: int, n_generated: int, steps: int, report: dict) -> None:
+    """A λ-harmonic scorer that has also seen the generator's domain (``scorer_domain``): the same model as
+    ``scorer``, from its own sample of the world, the VAE's round trips and the generator's samples."""
     t = time.perf_counter()
-    pool, captions, views = scorer_data(out, n, n_generated)
-    log(f"scorer data: {len(pool)} images in {time.perf_counter() - t:.0f}s")
-    _clip(out / "scorer", pool, captions, steps, 11, 64, 3, 4, "scorer", report, views=views)
-    report["scorer"].update(images=len(pool), generator_samples=n_generated)
+    pool, captions, views = domain_scorer_data(out, n, n_generated)
+    log(f"scorer_domain data: {len(pool)} images in {time.perf_counter() - t:.0f}s")
+    _clip(out / "scorer_domain", pool, captions, steps, 11, 64, 3, 4, "scorer_domain", report, views=views)
+    report["scorer_domain"].update(images=len(pool), generator_samples=n_generated)
 
 
 def _labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
@@ -815,6 +817,7 @@ STAGES = (
     "sd",
     "sd_continue",
     "scorer",
+    "scorer_domain",
     "clip_eval",
     "dino_eval",
     "classifier",
@@ -860,6 +863,11 @@ def main(argv=None) -> None:
         return made
 
     @functools.cache
+    def scorer_data() -> tuple[torch.Tensor, list[Scene]]:
+        # the ALIGN stand-in has seen every appearance (like a web-scale model), from its own sample
+        return make_dataset(n, seed=2, sampler=classifier_scene)
+
+    @functools.cache
     def judge() -> tuple[torch.Tensor, list[Scene]]:
         t = time.perf_counter()
         made = make_dataset(n, seed=1, sampler=classifier_scene)
@@ -872,8 +880,10 @@ def main(argv=None) -> None:
         "vae_decoder": (lambda: build_vae_decoder(out, base()[0], steps(1500), report), "vae_decoder"),
         "sd": (lambda: build_sd(out, *base(), steps(1300), report), out / "sd" / "model_index.json"),
         "sd_continue": (lambda: continue_sd(out, *base(), steps(6000), report), "sd_continue"),
-        "scorer": (lambda: build_scorer(out, n, max(int(2000 * scale), 64), steps(800), report),
-                   out / "scorer" / "config.json"),
+        "scorer": (lambda: _clip(out / "scorer", scorer_data()[0], [sc.caption() for sc in scorer_data()[1]], steps(800),
+                                 11, 64, 3, 4, "scorer", report), out / "scorer" / "config.json"),
+        "scorer_domain": (lambda: build_domain_scorer(out, n, max(int(2000 * scale), 64), steps(800), report),
+                          out / "scorer_domain" / "config.json"),
         "clip_eval": (lambda: _clip(out / "clip_eval", judge()[0], [sc.caption() for sc in judge()[1]], steps(800), 12, 96,
                                     2, 8, "clip_eval", report), out / "clip_eval" / "config.json"),
         "dino_eval": (lambda: build_dino(out, *judge(), steps(600), report), out / "dino_eval" / "config.json"),
