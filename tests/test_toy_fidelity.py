@@ -25,9 +25,9 @@ def test_quick_fidelity_report_follows_from_the_judged_images(tmp_path):
     spec.loader.exec_module(module)
     assert module.main(["--quick", "--output_dir", str(tmp_path)]) == 0
 
-    report = json.loads((tmp_path / "fidelity_report.json").read_text())
+    report = json.loads((tmp_path / "fidelity_report.json").read_text())["scorers"]["scorer"]
     with (tmp_path / "images.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
+        rows = [r for r in csv.DictReader(fh) if r["scorer"] == "scorer"]
     prompts = get_subject("redblue_ball").evaluation_prompts()
     validations = [0, 20, 40]  # --quick: 40 steps, validation every 20
     assert len(rows) == report["images"] == len(prompts) * 2 * len(validations)
@@ -47,4 +47,27 @@ def test_quick_fidelity_report_follows_from_the_judged_images(tmp_path):
         truth.append(module.harmonic(i, c))
     assert run["truth_best"] == pytest.approx(max(truth))
     assert run["chosen_step"] in validations and 0 <= run["fraction_of_best"] <= 1
-    assert run["spearman"] == pytest.approx(spearman(report["runs_val_rewards"][0], truth))
+    assert run["spearman"] == pytest.approx(spearman(run["val_rewards"], truth))
+    assert run["chosen_step"] == validations[run["val_rewards"].index(max(run["val_rewards"]))]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not assets_available(), reason="the toy world's models are not built")
+def test_a_second_scorer_sees_the_trainers_own_validation_images(tmp_path):
+    """The same scorer under another name, measured as a second scorer: its validation rewards (on images
+    redrawn with the run's seeds) must equal the ones the trainer computed, so any scorer compares fairly."""
+    import shutil
+
+    from rpo_diffusers.toy import asset_path
+
+    spec = importlib.util.spec_from_file_location("toy_fidelity", REPO / "training_examples/toy_fidelity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["toy_fidelity"] = module
+    spec.loader.exec_module(module)
+    copy = shutil.copytree(asset_path("scorer"), tmp_path / "same_scorer")
+    argv = ["--quick", "--output_dir", str(tmp_path / "out"), "--scorers", str(asset_path("scorer")), str(copy)]
+    assert module.main(argv) == 0
+    reports = json.loads((tmp_path / "out" / "fidelity_report.json").read_text())["scorers"]
+    first, second = reports["scorer"], reports["same_scorer"]
+    assert second["runs"][0]["val_rewards"] == pytest.approx(first["runs"][0]["val_rewards"], abs=1e-6)
+    assert second["align_i_identity_auc"] == pytest.approx(first["align_i_identity_auc"])

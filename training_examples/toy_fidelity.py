@@ -16,7 +16,9 @@ seeds at every step), which the scorer scores and the attribute classifier (the 
   mean of held-out identity and context accuracy) over the validation steps, and the ground truth of the
   reward-selected step as a fraction of the best step's.
 
-The numbers describe the stand-in, not which method wins. Writes ``fidelity_report.json`` and ``images.csv``.
+The numbers describe the stand-in, not which method wins. ``--scorers A B`` measures several scorers on the same
+runs (trained with A; DreamBooth's training does not depend on the scorer, so its runs compare them fairly).
+Writes ``fidelity_report.json`` and ``images.csv``.
 """
 
 from __future__ import annotations
@@ -37,22 +39,29 @@ from rpo_diffusers.toy import SAMPLING, SUBJECTS, asset_path, get_subject, load_
 from rpo_diffusers.toy.models import context_hits, identity_hits
 
 METHODS = {"dreambooth": {"method": "dreambooth"}, "rpo": {"method": "rpo"}}
-FIELDS = ("subject", "method", "step", "prompt", "seed", "align_i", "align_t", "identity", "context")
+FIELDS = ("scorer", "subject", "method", "step", "prompt", "seed", "align_i", "align_t", "identity", "context")
 
 
 def harmonic(a: float, b: float) -> float:
     return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
 
+def scorer_name(path: str) -> str:
+    return Path(path).name
+
+
 def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> dict[str, Any]:
-    """One training run; at each validation, the held-out images' scores and verdicts."""
+    """One training run (with the first scorer); at each validation, every scorer's scores of the held-out
+    images and its validation reward (the others' on the same validation images, redrawn with the run's
+    seeds), and the judge's verdicts."""
+    from rpo_diffusers.rewards import LambdaHarmonicScorer
     from rpo_diffusers.trainer import RPOTrainer
 
     torch.set_num_threads(args.threads)
     subject = get_subject(subject_name)
     classifier = load_classifier()
     config = RPOConfig(
-        pretrained_model_name_or_path=str(asset_path("sd")), scorer_model_name_or_path=args.scorer,
+        pretrained_model_name_or_path=str(asset_path("sd")), scorer_model_name_or_path=args.scorers[0],
         class_noun=subject.class_noun, train_prompts=subject.training_prompts(),
         output_dir=str(Path(args.output_dir) / "runs" / subject_name / method), report_to="none",
         resolution=SAMPLING["resolution"], num_inference_steps=SAMPLING["num_inference_steps"],
@@ -60,69 +69,88 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
         num_validation_images=args.num_validation_images, max_train_steps=args.max_train_steps,
         validation_steps=args.validation_steps, learning_rate=1e-4, seed=args.seed, **METHODS[method],
     )  # fmt: skip
+    references = subject.reference_images(32)
+    others = {}
+    for path in args.scorers[1:]:
+        others[scorer_name(path)] = LambdaHarmonicScorer.from_pretrained(path, lambda_=config.lambda_val)
+        others[scorer_name(path)].set_reference_images(references)
     prompts = [p for p in subject.evaluation_prompts() for _ in range(args.num_eval_images)]
     seeds = [100_003 + i for i in range(len(prompts))]
+    val_prompts = [p for p in config.validation_prompts for _ in range(config.num_validation_images)]
+    val_seeds = [config.seed + 7919 * (1 + i) for i in range(len(val_prompts))]  # the trainer's validation seeds
     rows: list[dict[str, Any]] = []
-    steps: list[dict[str, float]] = []
+    steps: list[dict[str, Any]] = []
     trainer: RPOTrainer | None = None
+
+    def draw(prompt_list: list[str], seed_list: list[int]) -> list:
+        images = []
+        for start in range(0, len(prompt_list), 32):
+            images += trainer.components.generate(
+                prompt_list[start : start + 32], seed_list[start : start + 32], config.num_inference_steps,
+                config.guidance_scale, config.resolution,
+            )  # fmt: skip
+        return images
 
     def on_validation(event: str, payload: dict[str, Any]) -> None:
         if event != "validation":
             return
         with torch.no_grad():
-            images = []
-            for start in range(0, len(prompts), 32):
-                images += trainer.components.generate(
-                    prompts[start : start + 32], seeds[start : start + 32], config.num_inference_steps,
-                    config.guidance_scale, config.resolution,
-                )  # fmt: skip
-            scores = trainer.scorer.score(images, prompts, lambda_=0.5)
+            images = draw(prompts, seeds)
+            scorers = {scorer_name(args.scorers[0]): trainer.scorer, **others}
+            val_reward = {scorer_name(args.scorers[0]): payload["reward"]}
+            if others:
+                val_images = draw(val_prompts, val_seeds)
+                for name, other in others.items():
+                    val_reward[name] = float(other.score(val_images, val_prompts, lambda_=config.lambda_val).reward.mean())
+            scores = {name: sc.score(images, prompts, lambda_=0.5) for name, sc in scorers.items()}
         identity = identity_hits(images, subject, prompts, classifier)
         context = context_hits(images, prompts, classifier)
-        for i, prompt in enumerate(prompts):
-            rows.append({
-                "subject": subject_name, "method": method, "step": payload["step"], "prompt": prompt,
-                "seed": seeds[i], "align_i": float(scores.image_alignment[i]), "align_t": float(scores.text_alignment[i]),
-                "identity": identity[i], "context": context[i],
-            })  # fmt: skip
+        for name, sc in scores.items():
+            for i, prompt in enumerate(prompts):
+                rows.append({
+                    "scorer": name, "subject": subject_name, "method": method, "step": payload["step"],
+                    "prompt": prompt, "seed": seeds[i], "align_i": float(sc.image_alignment[i]),
+                    "align_t": float(sc.text_alignment[i]), "identity": identity[i], "context": context[i],
+                })  # fmt: skip
         id_acc, ctx_acc = sum(identity) / len(identity), sum(context) / len(context)
-        steps.append({"step": payload["step"], "val_reward": payload["reward"], "identity": id_acc,
+        steps.append({"step": payload["step"], "val_reward": val_reward, "identity": id_acc,
                       "context": ctx_acc, "truth": harmonic(id_acc, ctx_acc)})  # fmt: skip
 
     t0 = time.perf_counter()
-    trainer = RPOTrainer(config, reference_images=subject.reference_images(32), callbacks=[on_validation])
+    trainer = RPOTrainer(config, reference_images=references, callbacks=[on_validation])
     result = trainer.train()
     print(f"{subject_name:>18} {method:>10}: {len(steps)} validations, chosen step {result.best_step}, "
           f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
-    return {"subject": subject_name, "method": method, "chosen_step": result.best_step, "steps": steps, "rows": rows}
+    return {"subject": subject_name, "method": method, "steps": steps, "rows": rows}
 
 
-def selection_fidelity(run: dict[str, Any]) -> dict[str, Any]:
+def selection_fidelity(run: dict[str, Any], scorer: str) -> dict[str, Any]:
+    """The step early stopping picks on this scorer's validation reward (the first maximum) against the truth."""
     steps = run["steps"]
     truth = [s["truth"] for s in steps]
-    chosen = next(s for s in steps if s["step"] == run["chosen_step"])
+    rewards = [s["val_reward"][scorer] for s in steps]
+    chosen = rewards.index(max(rewards))
     best = max(truth)
     return {
-        "subject": run["subject"], "method": run["method"], "chosen_step": run["chosen_step"],
-        "spearman": spearman([s["val_reward"] for s in steps], truth),
-        "truth_at_chosen": chosen["truth"], "truth_best": best,
-        "best_step": steps[truth.index(best)]["step"],
-        "fraction_of_best": chosen["truth"] / best if best > 0 else float("nan"),
+        "subject": run["subject"], "method": run["method"], "chosen_step": steps[chosen]["step"],
+        "spearman": spearman(rewards, truth), "val_rewards": rewards,
+        "truth_at_chosen": truth[chosen], "truth_best": best, "best_step": steps[truth.index(best)]["step"],
+        "fraction_of_best": truth[chosen] / best if best > 0 else float("nan"),
     }  # fmt: skip
 
 
-def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    rows = [r for run in runs for r in run["rows"]]
+def report(runs: list[dict[str, Any]], scorer: str) -> dict[str, Any]:
+    rows = [r for run in runs for r in run["rows"] if r["scorer"] == scorer]
     groups = [(r["subject"], r["prompt"]) for r in rows]
     align_i, align_t = [r["align_i"] for r in rows], [r["align_t"] for r in rows]
     identity, context = [r["identity"] for r in rows], [r["context"] for r in rows]
-    per_run = [selection_fidelity(run) for run in runs]
+    per_run = [selection_fidelity(run, scorer) for run in runs]
     rhos = [r["spearman"] for r in per_run if r["spearman"] == r["spearman"]]
     fractions = [r["fraction_of_best"] for r in per_run if r["fraction_of_best"] == r["fraction_of_best"]]
     within_id, n_id = grouped_auc(align_i, identity, groups)
     within_ctx, n_ctx = grouped_auc(align_t, context, groups)
     return {
-        "images": len(rows),
+        "scorer": scorer, "images": len(rows),
         "identity_rate": sum(identity) / len(rows), "context_rate": sum(context) / len(rows),
         "align_i_identity_auc": roc_auc(align_i, identity),
         "align_i_identity_auc_within_prompt": within_id, "prompts_with_both_identity_classes": n_id,
@@ -133,13 +161,12 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "runs_with_a_spearman": len(rhos),
         "mean_fraction_of_best": statistics.fmean(fractions) if fractions else float("nan"),
         "runs": per_run,
-        "runs_val_rewards": [[s["val_reward"] for s in run["steps"]] for run in runs],
     }  # fmt: skip
 
 
 def format_report(rep: dict[str, Any]) -> str:
     lines = [
-        f"{rep['images']} generated held-out images (identity in {rep['identity_rate']:.2f}, context in "
+        f"scorer {rep['scorer']}: {rep['images']} generated held-out images (identity in {rep['identity_rate']:.2f}, context in "
         f"{rep['context_rate']:.2f} by the judge)",
         "| what | pooled | within prompt |",
         "|---|---|---|",
@@ -161,7 +188,8 @@ def format_report(rep: dict[str, Any]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--scorer", default=None, help="the λ-harmonic scorer to measure (default: the bundled one)")
+    p.add_argument("--scorers", nargs="+", default=None,
+                   help="λ-harmonic scorers to measure on the same images; the first one trains (default: the bundled one)")
     p.add_argument("--subjects", nargs="+", choices=sorted(SUBJECTS), default=None, help="default: all")
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS))
     p.add_argument("--max_train_steps", type=int, default=400)
@@ -174,7 +202,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     p.add_argument("--quick", action="store_true", help="one subject, DreamBooth, 40 steps: a smoke test")
     args = p.parse_args(argv)
-    args.scorer = args.scorer or str(asset_path("scorer"))
+    args.scorers = args.scorers or [str(asset_path("scorer"))]
     if args.quick:
         args.subjects, args.methods = args.subjects or ["redblue_ball"], ["dreambooth"]
         args.max_train_steps, args.validation_steps, args.images_per_prompt = 40, 20, 1
@@ -196,16 +224,17 @@ def main(argv=None) -> int:
             runs = list(pool.map(run_trajectory, [args] * len(todo), *zip(*todo)))
     else:
         runs = [run_trajectory(args, s, m) for s, m in todo]
-    rep = report(runs)
-    rep["args"] = {k: v for k, v in vars(args).items() if k != "output_dir"}
-    rep["seconds"] = round(time.perf_counter() - t0, 1)
+    reports = {scorer_name(path): report(runs, scorer_name(path)) for path in args.scorers}
+    summary = {"scorers": reports, "args": {k: v for k, v in vars(args).items() if k != "output_dir"},
+               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     with open(out / "images.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(r for run in runs for r in run["rows"])
-    (out / "fidelity_report.json").write_text(json.dumps(rep, indent=2))
-    print("\n" + format_report(rep))
-    print(f"\nwrote {out / 'fidelity_report.json'} and {out / 'images.csv'} in {rep['seconds']:.0f}s")
+    (out / "fidelity_report.json").write_text(json.dumps(summary, indent=2))
+    for rep in reports.values():
+        print("\n" + format_report(rep))
+    print(f"\nwrote {out / 'fidelity_report.json'} and {out / 'images.csv'} in {summary['seconds']:.0f}s")
     return 0
 
 
