@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .components import DiffusersComponents, DiffusionComponents
+from .components import DiffusionComponents
 from .config import CLASS_IMAGES_DIR, RPOConfig, check_class_data_dir
 from .data import (
     images_to_tensor,
@@ -140,9 +140,11 @@ class PersonalizationTrainer:
         self.reference_images = to_pil_images(list(reference_images))
         if not self.reference_images:
             raise ValueError("reference_images is empty: personalization needs 3-6 photos of the subject.")
-        self._warn_about_photos()
         self.accelerator = accelerator or self._build_accelerator()
         self.components = self._resolve_model(model)
+        if config.resolution is None:  # the family's native size: 512 (SD 1.x / 2.x), 1024 (SDXL)
+            config.resolution = getattr(self.components, "resolution", self.components.default_resolution)
+        self._warn_about_photos()
         if config.train_text_encoder and not self.components.supports_text_encoder_training:
             raise ValueError(
                 f"train_text_encoder needs a diffusers pipeline (train_rpo.py or the Python API); "
@@ -223,25 +225,29 @@ class PersonalizationTrainer:
         )
 
     def _resolve_model(self, model) -> DiffusionComponents:
+        """The model family's adapter (:mod:`rpo_diffusers.families`: SD 1.x / 2.x or SDXL, from the pipeline's
+        class; anything else is refused before weights load)."""
+        from .families import components_for_pipeline, load_components
+
         cfg = self.config
         if isinstance(model, DiffusionComponents):
             return model
+        weight_dtype = self._weight_dtype() if cfg.use_lora else torch.float32
         if model is None:
             if not cfg.pretrained_model_name_or_path:
                 raise ValueError("No model: pass model= or set config.pretrained_model_name_or_path.")
-            return DiffusersComponents.from_pretrained(
+            return load_components(
                 cfg.pretrained_model_name_or_path,
                 sampling_scheduler=cfg.sampling_scheduler,
-                weight_dtype=self._weight_dtype() if cfg.use_lora else torch.float32,
+                weight_dtype=weight_dtype,
+                resolution=cfg.resolution,
+                vae_name_or_path=cfg.pretrained_vae_model_name_or_path,
             )
         if hasattr(model, "unet") and hasattr(model, "vae"):
-            return DiffusersComponents(
-                model,
-                sampling_scheduler=cfg.sampling_scheduler,
-                weight_dtype=self._weight_dtype() if cfg.use_lora else torch.float32,
-            )
+            return components_for_pipeline(model, cfg.sampling_scheduler, weight_dtype, cfg.resolution)
         raise TypeError(
-            f"Unsupported model type {type(model).__name__}: pass a StableDiffusionPipeline or DiffusionComponents."
+            f"Unsupported model type {type(model).__name__}: pass a StableDiffusionPipeline, a "
+            "StableDiffusionXLPipeline or DiffusionComponents."
         )
 
     def _load_scorer(self):
@@ -453,23 +459,26 @@ class PersonalizationTrainer:
         """
         cfg = self.config
         self.scorer.set_reference_images(self.reference_images)
-        dev = self.accelerator.device
+        dev, comp, res = self.accelerator.device, self.components, cfg.resolution
+        instance = self._conditioning([cfg.instance_prompt])
         data = TrainingSet(
-            reference_latents=self.components.encode_images(
-                images_to_tensor(self.reference_images, cfg.resolution).to(dev)
-            ).float(),
-            instance_embedding=self._conditioning([cfg.instance_prompt]),
-        )
+            reference_latents=comp.encode_images(images_to_tensor(self.reference_images, res).to(dev)).float(),
+            instance_embedding=instance,
+            # one row per photo: SDXL is also told each photo's original size and crop
+            reference_conditioning=comp.condition_on_sizes(instance, [im.size for im in self.reference_images], res),
+        )  # fmt: skip
         if generated:
             data.generated_images = list(generated)
             data.generated_prompt_indices = list(prompt_indices)
-            data.generated_latents = self.components.encode_images(
-                images_to_tensor(generated, cfg.resolution).to(dev)
-            ).float()
-            data.prompt_embeddings = self.components.encode_prompts(cfg.train_prompts)
+            data.generated_latents = comp.encode_images(images_to_tensor(generated, res).to(dev)).float()
+            # drawn at the training resolution: original size = target size, no crop
+            sizes = [(res, res)] * len(cfg.train_prompts)
+            data.prompt_embeddings = comp.condition_on_sizes(comp.encode_prompts(cfg.train_prompts), sizes, res)
         if class_images:
             data.class_latents = self._encode_in_batches(class_images)
             data.class_embedding = self._conditioning([cfg.class_prompt])
+            sizes = [im.size for im in class_images]
+            data.class_conditioning = comp.condition_on_sizes(data.class_embedding, sizes, res)
         return data
 
     def _conditioning(self, prompts: list[str]) -> torch.Tensor:
@@ -968,6 +977,8 @@ class PersonalizationTrainer:
             best_reward=self.best_reward,
             method=cfg.method,
             reward=self.objective.summary().get("reward"),
+            family=self.components.family,
+            widget_prompts=[cfg.instance_prompt, *cfg.validation_prompts[:3]],
         )
 
 
