@@ -312,6 +312,11 @@ class DiffusersComponents(DiffusionComponents):
 
     @torch.no_grad()
     def generate(self, prompts, seeds, num_inference_steps, guidance_scale, resolution) -> list[Image.Image]:
+        return list(self.sample(prompts, seeds, num_inference_steps, guidance_scale, resolution, "pil"))
+
+    @torch.no_grad()
+    def sample(self, prompts, seeds, num_inference_steps, guidance_scale, resolution, output_type: str = "pil"):
+        """The pipeline's images (``output_type="pil"``) or final latents (``"latent"``), one per (prompt, seed)."""
         if len(prompts) != len(seeds):
             raise ValueError("generate() needs one seed per prompt.")
         was_training = self.unet.training
@@ -340,11 +345,11 @@ class DiffusersComponents(DiffusionComponents):
                 width=resolution,
                 latents=latents,
                 generator=generators,
-                output_type="pil",
+                output_type=output_type,
             )
         finally:
             self.unet.train(was_training)
-        return list(out.images)
+        return out.images
 
     def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str]) -> None:
         from peft import LoraConfig

@@ -127,15 +127,28 @@ def check_sdxl_resolution(resolution: int, vae_config: dict[str, Any], unet_conf
         )
 
 
+def check_sdxl_vae(name: str, vae_config: dict[str, Any]) -> None:
+    """Refuse a VAE whose latents are normalised by a mean and std (EDM-style SDXL such as Playground v2.5):
+    the loop scales latents by ``scaling_factor`` alone, as SDXL base's VAE needs."""
+    if vae_config.get("latents_mean") is not None or vae_config.get("latents_std") is not None:
+        raise UnsupportedModelError(
+            f"{name!r} has a VAE with latents_mean / latents_std (an EDM-style SDXL such as Playground v2.5), "
+            f"which this trainer does not normalise for; {SUPPORTED}."
+        )
+
+
 def check_model(name_or_path: str | os.PathLike, resolution: int | None = None) -> str:
-    """The model's family (:func:`model_family`), with an SDXL resolution checked on the configs too: every
-    refusal comes before any weight loads."""
+    """The model's family (:func:`model_family`), with an SDXL VAE and resolution checked on the configs too:
+    every refusal comes before any weight loads."""
     family = model_family(name_or_path)
-    if family == SDXL and resolution is not None:
+    if family == SDXL:
         from .hub import resolve_model
 
         path = resolve_model(os.fspath(name_or_path), "base model")
-        check_sdxl_resolution(resolution, _read_config(path, "vae") or {}, _read_config(path, "unet") or {})
+        vae = _read_config(path, "vae") or {}
+        check_sdxl_vae(os.fspath(name_or_path), vae)
+        if resolution is not None:
+            check_sdxl_resolution(resolution, vae, _read_config(path, "unet") or {})
     return family
 
 
@@ -147,6 +160,7 @@ def check_sdxl_pipeline(pipeline: Any) -> None:
     channels = pipeline.unet.config.in_channels
     if "Inpaint" in class_name or channels != 4:
         raise UnsupportedModelError(_inpainting_message(class_name, class_name, channels))
+    check_sdxl_vae(class_name, dict(pipeline.vae.config))
 
 
 def pipeline_family(pipeline: Any) -> str:

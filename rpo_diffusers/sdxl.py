@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from PIL import Image
 from torch import nn
 
 from .components import Denoiser, DiffusersComponents
@@ -198,6 +199,16 @@ class SDXLComponents(DiffusersComponents):
 
     def make_denoiser(self, unet: nn.Module) -> SDXLDenoiser:
         return SDXLDenoiser(unet)
+
+    @torch.no_grad()
+    def generate(self, prompts, seeds, num_inference_steps, guidance_scale, resolution) -> list[Image.Image]:
+        """The pipeline's sampling, then the VAE decode in the VAE's own dtype with autocast off: SDXL's VAE
+        overflows in float16, and an fp16 run's autocast would otherwise decode in float16 however it is kept."""
+        latents = self.sample(prompts, seeds, num_inference_steps, guidance_scale, resolution, "latent")
+        with torch.autocast(self.device.type, enabled=False):
+            pixels = self.decode_pixels(latents)
+        processor = self.pipeline.image_processor
+        return processor.numpy_to_pil(processor.pt_to_numpy(pixels.float().cpu()))
 
     def _time_ids(self, rows: int) -> torch.Tensor:
         r = self.resolution

@@ -238,6 +238,28 @@ def test_lora_exports_reproduce_the_trained_model(sdxl_dir, clip_scorer, photos,
     )  # fp16 file
 
 
+@pytest.mark.parametrize("mixed_precision", ["fp16", "bf16"])
+def test_lora_trains_in_half_precision(mixed_precision, sdxl_dir, clip_scorer, photos, tmp_path):
+    """Frozen parts in half precision, except SDXL's VAE in fp16 (it overflows there; diffusers keeps it fp32);
+    the LoRA weights train in fp32 and the validation images are real images."""
+    cfg = tiny_config(sdxl_dir, tmp_path / "out", use_lora=True, mixed_precision=mixed_precision, max_train_steps=2,
+                      train_prompts=["a sks dog on the beach"])  # fmt: skip
+    losses = []
+    trainer = RPOTrainer(cfg, StableDiffusionXLPipeline.from_pretrained(sdxl_dir), clip_scorer, photos,
+                         callbacks=[lambda e, p: losses.append(p["loss"]) if e == "step" else None])  # fmt: skip
+    half = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+    pipe = trainer.components.pipeline
+    assert pipe.text_encoder.dtype == pipe.text_encoder_2.dtype == half
+    assert pipe.vae.dtype == (torch.float32 if mixed_precision == "fp16" else half)
+    result = trainer.train()
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert all(p.dtype == torch.float32 for p in trainer.components.trainable_parameters())
+    assert all(np.isfinite(h["reward"]) for h in result.history)
+    with trainer.accelerator.autocast():  # as the loop samples
+        images = _generate(trainer.components)
+    assert all(im.std() > 1.0 for im in images)  # pictures, not the black of a NaN decode
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_full_exports_reproduce_the_trained_model(
     prediction, sdxl_dir, sdxl_v_dir, clip_scorer, photos, tmp_path
@@ -381,6 +403,8 @@ SDXL_VAE = {"block_out_channels": [128, 256, 512, 512]}
          f"personalization trains text-to-image models: use the base model it was made from; {SUPPORTED}."),
         ("sd3", f"is a StableDiffusion3Pipeline model, which rpo-diffusers cannot train; {SUPPORTED}."),
         ("flux", f"is a FluxPipeline model, which rpo-diffusers cannot train; {SUPPORTED}."),
+        ("edm", "has a VAE with latents_mean / latents_std (an EDM-style SDXL such as Playground v2.5), which this "
+         f"trainer does not normalise for; {SUPPORTED}."),
         ("resolution", "resolution 520 cannot be described by this SDXL model's size conditioning: it must be a "
          "multiple of 32 (the VAE and UNet downsampling), e.g. 512 or 544."),
     ],
@@ -400,6 +424,9 @@ def test_unsupported_models_are_refused_in_one_line(
         _config_only_pipeline(root, "StableDiffusion3Pipeline")
     elif kind == "flux":
         _config_only_pipeline(root, "FluxPipeline")
+    elif kind == "edm":
+        _config_only_pipeline(root, "StableDiffusionXLPipeline", SDXL_UNET, {**SDXL_VAE, "latents_mean": [0.0] * 4,
+                              "latents_std": [1.0] * 4})  # fmt: skip
     else:
         _config_only_pipeline(root, "StableDiffusionXLPipeline", SDXL_UNET, SDXL_VAE)
         resolution = "520"
