@@ -243,7 +243,7 @@ def test_lora_trains_in_half_precision(mixed_precision, sdxl_dir, clip_scorer, p
     """Frozen parts in half precision, except SDXL's VAE in fp16 (it overflows there; diffusers keeps it fp32);
     the LoRA weights train in fp32 and the validation images are real images."""
     cfg = tiny_config(sdxl_dir, tmp_path / "out", use_lora=True, mixed_precision=mixed_precision, max_train_steps=2,
-                      train_prompts=["a sks dog on the beach"])  # fmt: skip
+                      train_prompts=["a sks dog on the beach"], gradient_checkpointing=True)  # fmt: skip
     losses = []
     trainer = RPOTrainer(cfg, StableDiffusionXLPipeline.from_pretrained(sdxl_dir), clip_scorer, photos,
                          callbacks=[lambda e, p: losses.append(p["loss"]) if e == "step" else None])  # fmt: skip
@@ -252,6 +252,7 @@ def test_lora_trains_in_half_precision(mixed_precision, sdxl_dir, clip_scorer, p
     assert pipe.text_encoder.dtype == pipe.text_encoder_2.dtype == half
     assert pipe.vae.dtype == (torch.float32 if mixed_precision == "fp16" else half)
     result = trainer.train()
+    assert trainer.components.unet.is_gradient_checkpointing
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert all(p.dtype == torch.float32 for p in trainer.components.trainable_parameters())
     assert all(np.isfinite(h["reward"]) for h in result.history)
@@ -359,15 +360,39 @@ def test_script_lora_run_and_resume(sdxl_dir, tiny_scorer_dirs, photo_dir, tmp_p
 
 @pytest.mark.slow
 def test_script_full_dreambooth_with_prior_preservation(sdxl_dir, tiny_scorer_dirs, photo_dir, tmp_path):
-    """Full UNet, DreamBooth with class images: the result is an SDXL pipeline folder."""
+    """Full UNet, DreamBooth with class images and a VAE from its own folder: the result is an SDXL pipeline."""
     out = tmp_path / "full"
     proc = _run_script(*_script_args(sdxl_dir, tiny_scorer_dirs, photo_dir, out, "--method", "dreambooth",
-                                     "--with_prior_preservation", "--num_class_images", "2", "--max_train_steps", "2"))  # fmt: skip
+                                     "--with_prior_preservation", "--num_class_images", "2", "--max_train_steps", "2",
+                                     "--pretrained_vae_model_name_or_path", str(sdxl_dir / "vae")))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((out / "class_images").glob("*.png"))) == 2
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     assert pipe.text_encoder_2 is not None and (out / FULL_UNET_FILENAME).exists()
     assert json.loads((out / "rpo_history.json").read_text())["prior_preservation"]["num_class_images"] == 2
+
+
+@pytest.mark.slow
+def test_two_process_run(sdxl_dir, tiny_scorer_dirs, photo_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: DDP carries SDXL's conditioning, prior rows too."""
+    from rpo_diffusers.testing.ports import free_local_port
+
+    out = tmp_path / "ddp"
+    launcher = ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_local_port()),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--num_cpu_threads_per_process", "1"]  # fmt: skip
+    args = _script_args(sdxl_dir, tiny_scorer_dirs, photo_dir, out, "--method", "dreambooth", "--max_train_steps", "4",
+                        "--validation_steps", "4", "--checkpointing_steps", "4", "--with_prior_preservation",
+                        "--num_class_images", "2")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(REPO)}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *launcher, str(SCRIPT), *args],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoint-4").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl", "random_states_1.pkl",
+    ]  # fmt: skip
+    assert StableDiffusionXLPipeline.from_pretrained(out).text_encoder_2 is not None
 
 
 # --------------------------------------------------------------------------------------------------
