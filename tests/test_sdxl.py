@@ -487,3 +487,17 @@ def test_refiner_pipeline_object_is_refused(sdxl_dir, tmp_path, clip_scorer, pho
 
 def test_family_comes_from_the_pipeline_class(sdxl_dir, tiny_sd_dir):
     assert model_family(sdxl_dir) == "sdxl" and model_family(tiny_sd_dir) == "sd"
+
+
+def test_sdxl_shaped_configs_have_sdxl_base_sizes():
+    """The benchmark's real-size stand-in (built on the meta device here): SDXL base 1.0's parameter counts."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from rpo_diffusers.testing.tiny_pipeline import SDXL_TEXT_CONFIGS, SDXL_UNET_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        encoders = [cls(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **c))
+                    for cls, c in zip((CLIPTextModel, CLIPTextModelWithProjection), SDXL_TEXT_CONFIGS)]  # fmt: skip
+    sizes = [sum(p.numel() for p in m.parameters()) for m in (unet, *encoders)]
+    assert sizes == [2_567_463_684, 123_060_480, 694_659_840]

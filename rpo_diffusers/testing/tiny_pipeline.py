@@ -185,6 +185,58 @@ def build_tiny_sdxl_pipeline(
     return _save(pipe, out)
 
 
+SDXL_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)  # fmt: skip
+SDXL_TEXT_CONFIGS = (  # CLIP ViT-L/14's text tower, OpenCLIP ViT-bigG/14's (with its projection)
+    dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+         projection_dim=768, hidden_act="quick_gelu"),
+    dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+         projection_dim=1280, hidden_act="gelu"),
+)  # fmt: skip
+
+
+def build_sdxl_shaped_pipeline(
+    directory: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float16
+):
+    """Save a randomly initialised pipeline with SDXL base 1.0's exact shapes (no download; ~3.5B parameters).
+
+    For speed/memory benchmarks at real size (1024 px) on a GPU; it draws noise, not pictures. The tokenizers
+    are small stand-ins with SDXL's 77-token length (the text encoders keep CLIP's 49408-token vocabulary).
+    """
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    text_configs = [CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **c) for c in SDXL_TEXT_CONFIGS]
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=1024,
+        scaling_factor=0.13025,
+    )  # fmt: skip
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tokenizer_src"))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")  # fmt: skip
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text_configs[0]), text_encoder_2=CLIPTextModelWithProjection(text_configs[1]),
+        tokenizer=tokenizer, tokenizer_2=CLIPTokenizer.from_pretrained(out / "_tokenizer_src"),
+        unet=UNet2DConditionModel(**SDXL_UNET_CONFIG), scheduler=scheduler, add_watermarker=False,
+    )  # fmt: skip
+    return _save(pipe, out, dtype)
+
+
 def _tiny_vae(sample_size: int, scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 
