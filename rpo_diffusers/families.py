@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 SD, SDXL = "sd", "sdxl"
+NATIVE_RESOLUTION = {SD: 512, SDXL: 1024}  # the training size when none is set
 FAMILY_PIPELINES = {SD: "StableDiffusionPipeline", SDXL: "StableDiffusionXLPipeline"}
 SUPPORTED = (
     "supported are Stable Diffusion 1.x / 2.x (StableDiffusionPipeline) and Stable Diffusion XL base "
@@ -171,6 +172,13 @@ def pipeline_family(pipeline: Any) -> str:
         raise UnsupportedModelError(_inpainting_message(type(pipeline).__name__, type(pipeline).__name__,
                                                         pipeline.unet.config.in_channels))  # fmt: skip
     return SD
+
+
+def native_resolution(model: Any) -> int:
+    """512 for SD 1.x / 2.x, 1024 for SDXL: of a pipeline object, or a folder / Hub id (from its configs)."""
+    if isinstance(model, (str, os.PathLike)):
+        return NATIVE_RESOLUTION[model_family(model)]
+    return NATIVE_RESOLUTION[pipeline_family(model)]
 
 
 def components_for_pipeline(

@@ -25,6 +25,7 @@ from torch import nn
 
 from .components import Denoiser, DiffusersComponents
 from .data import center_crop_box
+from .families import NATIVE_RESOLUTION, SDXL
 
 
 @dataclass(eq=False)
@@ -163,8 +164,8 @@ class SDXLComponents(DiffusersComponents):
         resolution: the training size the size ids of :meth:`encode_prompts` describe (default 1024).
     """
 
-    family = "sdxl"
-    default_resolution = 1024
+    family = SDXL
+    default_resolution = NATIVE_RESOLUTION[SDXL]
     pipeline_class_name = "StableDiffusionXLPipeline"
     pipeline_load_kwargs: ClassVar[dict[str, Any]] = {
         "add_watermarker": False

@@ -140,11 +140,11 @@ class PersonalizationTrainer:
         self.reference_images = to_pil_images(list(reference_images))
         if not self.reference_images:
             raise ValueError("reference_images is empty: personalization needs 3-6 photos of the subject.")
+        if config.resolution is None:  # the family's native size, read from its configs: 512 (SD), 1024 (SDXL)
+            config.resolution = self._native_resolution(model)
+        self._warn_about_photos()
         self.accelerator = accelerator or self._build_accelerator()
         self.components = self._resolve_model(model)
-        if config.resolution is None:  # the family's native size: 512 (SD 1.x / 2.x), 1024 (SDXL)
-            config.resolution = getattr(self.components, "resolution", self.components.default_resolution)
-        self._warn_about_photos()
         if config.train_text_encoder and not self.components.supports_text_encoder_training:
             raise ValueError(
                 f"train_text_encoder needs a diffusers pipeline (train_rpo.py or the Python API); "
@@ -223,6 +223,16 @@ class PersonalizationTrainer:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.accelerator.mixed_precision, torch.float32
         )
+
+    def _native_resolution(self, model) -> int:
+        """The model family's training size, before any weight loads (so resume checks see the real value)."""
+        from .families import native_resolution
+
+        if isinstance(model, DiffusionComponents):
+            return getattr(model, "resolution", model.default_resolution)
+        if model is None and not self.config.pretrained_model_name_or_path:
+            raise ValueError("No model: pass model= or set config.pretrained_model_name_or_path.")
+        return native_resolution(model if model is not None else self.config.pretrained_model_name_or_path)
 
     def _resolve_model(self, model) -> DiffusionComponents:
         """The model family's adapter (:mod:`rpo_diffusers.families`: SD 1.x / 2.x or SDXL, from the pipeline's

@@ -245,7 +245,12 @@ def test_lora_trains_in_half_precision(mixed_precision, sdxl_dir, clip_scorer, p
     cfg = tiny_config(sdxl_dir, tmp_path / "out", use_lora=True, mixed_precision=mixed_precision, max_train_steps=2,
                       train_prompts=["a sks dog on the beach"], gradient_checkpointing=True)  # fmt: skip
     losses = []
+    from accelerate import Accelerator
+
+    # handed over: fp16 on a CPU is refused in a config's own accelerator
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
     trainer = RPOTrainer(cfg, StableDiffusionXLPipeline.from_pretrained(sdxl_dir), clip_scorer, photos,
+                         accelerator=accelerator,
                          callbacks=[lambda e, p: losses.append(p["loss"]) if e == "step" else None])  # fmt: skip
     half = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
     pipe = trainer.components.pipeline
@@ -407,9 +412,10 @@ def _config_only_pipeline(root: Path, class_name: str, unet: dict | None = None,
     index = {"_class_name": class_name, "text_encoder": ["transformers", "CLIPTextModel"] if text_encoder else [None, None],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}  # fmt: skip
     (root / "model_index.json").write_text(json.dumps(index))
+    for sub in ("text_encoder", "unet", "vae"):  # every listed part has its folder: complete but for weights
+        (root / sub).mkdir()
     for sub, config in (("unet", unet), ("vae", vae)):
         if config is not None:
-            (root / sub).mkdir()
             (root / sub / "config.json").write_text(json.dumps(config))
     return root
 
