@@ -238,6 +238,24 @@ def test_lora_exports_reproduce_the_trained_model(sdxl_dir, clip_scorer, photos,
     )  # fp16 file
 
 
+def test_dpg_trains_both_text_encoders_with_prior_preservation(sdxl_dir, clip_scorer, photos, tmp_path):
+    """DPG (its paper trains the text encoder): the critic learns, both encoders' LoRA moves, class rows join."""
+    cfg = tiny_config(sdxl_dir, tmp_path / "out", method="dpg", use_lora=True, train_text_encoder=True,
+                      with_prior_preservation=True, num_class_images=2, max_train_steps=2, learning_rate=1e-2,
+                      train_prompts=["a sks dog on the beach"])  # fmt: skip
+    steps = []
+    trainer = RPOTrainer(cfg, StableDiffusionXLPipeline.from_pretrained(sdxl_dir), clip_scorer, photos,
+                         callbacks=[lambda e, p: steps.append(p) if e == "step" else None])  # fmt: skip
+    trainer.train()
+    losses = np.array([[s["loss"], s["loss_critic"], s["loss_prior"]] for s in steps])
+    assert losses.shape == (2, 3) and np.isfinite(losses).all()
+    for encoder in (trainer.components.pipeline.text_encoder, trainer.components.pipeline.text_encoder_2):
+        lora_b = [v for k, v in get_peft_model_state_dict(encoder).items() if "lora_B" in k]
+        assert lora_b and any(v.abs().max() > 0 for v in lora_b), "a text encoder LoRA did not train"
+    kohya = load_file(str(tmp_path / "out" / LORA_KOHYA_FILENAME))
+    assert any(k.startswith("lora_te1_") for k in kohya) and any(k.startswith("lora_te2_") for k in kohya)
+
+
 @pytest.mark.parametrize("mixed_precision", ["fp16", "bf16"])
 def test_lora_trains_in_half_precision(mixed_precision, sdxl_dir, clip_scorer, photos, tmp_path):
     """Frozen parts in half precision, except SDXL's VAE in fp16 (it overflows there; diffusers keeps it fp32);
