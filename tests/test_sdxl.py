@@ -316,12 +316,14 @@ def test_full_exports_reproduce_the_trained_model(
     reason="set COMFYUI_PATH and COMFYUI_PYTHON to check the kohya keys against a real ComfyUI",
 )
 def test_comfyui_maps_every_sdxl_kohya_key():
-    """ComfyUI's own key map (UNet from its detected SDXL config, CLIP-L / CLIP-G) covers every exported key."""
+    """ComfyUI's own key map (UNet from its detected SDXL config, CLIP-L / CLIP-G) covers every exported kohya key,
+    and its UNETLoader conversion takes the single-file UNet's every tensor as an SDXL model."""
     script = REPO / "tests" / "scripts" / "comfy_sdxl_lora_keys.py"
     proc = subprocess.run([os.environ["COMFYUI_PYTHON"], str(script), os.environ["COMFYUI_PATH"], str(REPO)],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "736 kohya modules, 0 not mapped by ComfyUI" in proc.stdout  # 560 UNet + 48 CLIP-L + 128 CLIP-G
+    assert "UNETLoader: SDXL, 1680 tensors, 0 not converted" in proc.stdout
 
 
 def test_model_card_says_sdxl(tmp_path):

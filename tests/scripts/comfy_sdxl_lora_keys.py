@@ -1,4 +1,5 @@
-"""Run with ComfyUI's Python: does ComfyUI map every key of an SDXL kohya export (no "lora key not loaded")?
+"""Run with ComfyUI's Python: does ComfyUI map every key of an SDXL kohya export (no "lora key not loaded"),
+and does UNETLoader take the single-file SDXL UNet as SDXL with every tensor?
 
     python comfy_sdxl_lora_keys.py <ComfyUI folder> <this repository>
 
@@ -63,4 +64,9 @@ for k in comfy.utils.unet_to_diffusers(config):
 comfy.lora.model_lora_keys_clip(comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=torch.float16), key_map)
 missing = sorted(m for m in modules if m not in key_map)
 print(f"{len(modules)} kohya modules, {len(missing)} not mapped by ComfyUI: {missing[:5]}")
-sys.exit(1 if missing else 0)
+# the single-file UNet (diffusers names), as UNETLoader's load_diffusion_model_state_dict converts it
+model_config = comfy.model_detection.model_config_from_diffusers_unet(state)
+converted = comfy.utils.unet_to_diffusers(model_config.unet_config)  # (its map also names optional parts)
+left = [k for k in state if k not in converted]
+print(f"UNETLoader: {type(model_config).__name__}, {len(state)} tensors, {len(left)} not converted: {left[:5]}")
+sys.exit(1 if missing or left or type(model_config).__name__ != "SDXL" else 0)
