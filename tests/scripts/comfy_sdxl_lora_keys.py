@@ -68,5 +68,7 @@ print(f"{len(modules)} kohya modules, {len(missing)} not mapped by ComfyUI: {mis
 model_config = comfy.model_detection.model_config_from_diffusers_unet(state)
 converted = comfy.utils.unet_to_diffusers(model_config.unet_config)  # (its map also names optional parts)
 left = [k for k in state if k not in converted]
-print(f"UNETLoader: {type(model_config).__name__}, {len(state)} tensors, {len(left)} not converted: {left[:5]}")
+print(
+    f"UNETLoader: {type(model_config).__name__}, {len(state)} tensors, {len(left)} not converted: {left[:5]}"
+)
 sys.exit(1 if missing or left or type(model_config).__name__ != "SDXL" else 0)
