@@ -43,11 +43,14 @@ def _read_config(path: str, subfolder: str | None = None) -> dict[str, Any] | No
 
     from .hub import load_pretrained
 
-    try:
-        file = load_pretrained(hf_hub_download, path, filename=name, subfolder=subfolder, kind="base model")
-    except EntryNotFoundError:
-        return None
-    return json.loads(Path(file).read_text())
+    def download(repo_id: str, **kwargs: Any) -> str | None:
+        try:
+            return hf_hub_download(repo_id, **kwargs)
+        except EntryNotFoundError:  # the repo is there, the file is not (a missing repo stays an error)
+            return None
+
+    file = load_pretrained(download, path, filename=name, subfolder=subfolder, kind="base model")
+    return json.loads(Path(file).read_text()) if file else None
 
 
 def _refiner_message(name: str, class_name: str) -> str:

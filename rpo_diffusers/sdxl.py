@@ -167,9 +167,8 @@ class SDXLComponents(DiffusersComponents):
     family = SDXL
     default_resolution = NATIVE_RESOLUTION[SDXL]
     pipeline_class_name = "StableDiffusionXLPipeline"
-    pipeline_load_kwargs: ClassVar[dict[str, Any]] = {
-        "add_watermarker": False
-    }  # the watermark would be learned from the training images
+    # no invisible watermark: it would be in the base model's training images, and be learned
+    pipeline_load_kwargs: ClassVar[dict[str, Any]] = {"add_watermarker": False}
 
     def __init__(
         self,

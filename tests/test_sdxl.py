@@ -540,3 +540,17 @@ def test_sdxl_shaped_configs_have_sdxl_base_sizes():
                     for cls, c in zip((CLIPTextModel, CLIPTextModelWithProjection), SDXL_TEXT_CONFIGS)]  # fmt: skip
     sizes = [sum(p.numel() for p in m.parameters()) for m in (unet, *encoders)]
     assert sizes == [2_567_463_684, 123_060_480, 694_659_840]
+
+
+def test_family_of_a_cached_hub_id_is_read_offline(tmp_path, monkeypatch):
+    """A Hub id in the local cache: its model_index.json (and unet config) decide, nothing is downloaded."""
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--someone--my-sdxl" / "snapshots" / ("a" * 40)
+    _config_only_pipeline(snapshot, "StableDiffusionXLPipeline", SDXL_UNET, SDXL_VAE)
+    (tmp_path / "models--someone--my-sdxl" / "refs").mkdir()
+    (tmp_path / "models--someone--my-sdxl" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert model_family("someone/my-sdxl") == "sdxl"
+    with pytest.raises(UnsupportedModelError, match="must be a multiple of 32"):
+        load_components("someone/my-sdxl", resolution=1000)
