@@ -180,6 +180,27 @@ def test_resolution_defaults_to_the_familys_size(sdxl_dir, tiny_sd_dir, clip_sco
     assert sdxl.encode_prompts([PROMPT]).time_ids.tolist() == [[1024, 1024, 0, 0, 1024, 1024]]
 
 
+def test_validation_at_a_lower_resolution(sdxl_dir, clip_scorer, photos, tmp_path):
+    """validation_resolution: the base model's training images at the training size, validation images smaller."""
+    cfg = tiny_config(sdxl_dir, tmp_path / "out", max_train_steps=2, validation_resolution=16,
+                      train_prompts=["a sks dog on the beach"])  # fmt: skip
+    trainer = RPOTrainer(cfg, StableDiffusionXLPipeline.from_pretrained(sdxl_dir), clip_scorer, photos)
+    drawn: list[tuple[int, tuple[int, int]]] = []
+    generate = trainer.components.generate
+
+    def recording(prompts, seeds, steps, guidance, resolution):
+        images = generate(prompts, seeds, steps, guidance, resolution)
+        drawn.extend((resolution, im.size) for im in images)
+        return images
+
+    trainer.components.generate = recording
+    trainer.train()
+    assert drawn[0] == (32, (32, 32))  # the training image
+    assert set(drawn[1:]) == {(16, (16, 16))} and len(drawn) == 1 + 2  # validations at steps 0 and 2
+    with pytest.raises(ValueError, match="validation_resolution must be a positive multiple of 8, got 20"):
+        tiny_config(sdxl_dir, tmp_path / "o", validation_resolution=20)
+
+
 def test_a_separate_vae_replaces_the_pipelines(sdxl_dir, tmp_path):
     """--pretrained_vae_model_name_or_path: the AutoencoderKL in that folder is the one encoding and decoding."""
     from diffusers import AutoencoderKL
