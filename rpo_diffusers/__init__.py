@@ -25,6 +25,8 @@ _LAZY = {
     "DPGObjective": "rpo_diffusers.objectives",
     "DreamBoothObjective": "rpo_diffusers.objectives",
     "RPOObjective": "rpo_diffusers.objectives",
+    "DiffusersComponents": "rpo_diffusers.components",
+    "SDXLComponents": "rpo_diffusers.sdxl",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -39,7 +41,9 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .components import DiffusersComponents
     from .config import PersonalizationConfig, RPOConfig
     from .objectives import DPGObjective, DreamBoothObjective, RPOObjective
     from .rewards import DinoReward, LambdaHarmonicScorer, lambda_harmonic
+    from .sdxl import SDXLComponents
     from .trainer import PersonalizationTrainer, RPOTrainer, RPOTrainingResult, TrainingResult

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -33,6 +33,10 @@ class Denoiser(nn.Module):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+
+    def set_text_encoders(self, text_encoders: Sequence[nn.Module]) -> None:
+        """Make the (trained) text encoders part of this module, so the conditioning may be token ids."""
+        (self.text_encoder,) = text_encoders
 
     def forward(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor
@@ -64,6 +68,8 @@ class DiffusionComponents(ABC):
     denoiser: nn.Module
     noise_scheduler: Any
     is_lora: bool = False
+    family: str = "sd"  # the model family: what the model card, exports and error messages name
+    default_resolution: int = 512  # the family's native size, used when the config sets no resolution
 
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -98,6 +104,19 @@ class DiffusionComponents(ABC):
         """The frozen base model as a denoiser (LoRA: the same UNet with adapters disabled)."""
 
     supports_text_encoder_training: bool = False
+
+    def condition_on_sizes(self, conditioning: Any, sizes: Sequence[tuple[int, int]], resolution: int) -> Any:
+        """One conditioning row per image, for images of original ``(width, height)`` ``sizes`` that were
+        resized and centre-cropped to ``resolution`` (:func:`~rpo_diffusers.data.center_crop_resize`).
+
+        ``conditioning`` holds one row (repeated for every image) or one row per image. SD conditions on the
+        prompt alone, so its rows only repeat; SDXL adds each image's size and crop (its time ids).
+        """
+        if len(conditioning) == len(sizes):
+            return conditioning
+        if len(conditioning) != 1:
+            raise ValueError(f"{len(conditioning)} conditioning rows for {len(sizes)} images: give 1 or one each.")
+        return conditioning.expand(len(sizes), *conditioning.shape[1:])
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids of the prompts, the conditioning the denoiser embeds itself when the text encoder trains."""
@@ -183,9 +202,15 @@ def _sampling_scheduler(pipeline, name: str | None):
 
 
 class DiffusersComponents(DiffusionComponents):
-    """Adapter over a diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x, ε- or v-prediction)."""
+    """Adapter over a diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x, ε- or v-prediction).
+
+    A family with the same parts and more conditioning (SDXL, :mod:`rpo_diffusers.sdxl`) subclasses it and
+    overrides the hooks: ``text_encoders``, ``make_denoiser``, ``encode_prompts``, ``tokenize``.
+    """
 
     supports_text_encoder_training = True
+    pipeline_class_name = "StableDiffusionPipeline"
+    pipeline_load_kwargs: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
 
     def __init__(
         self, pipeline, sampling_scheduler: str | None = None, weight_dtype: torch.dtype = torch.float32
@@ -198,30 +223,56 @@ class DiffusersComponents(DiffusionComponents):
         self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         self.weight_dtype = weight_dtype
         unet = pipeline.unet
-        for module in (pipeline.vae, pipeline.text_encoder):
+        for module in (pipeline.vae, *self.text_encoders):
             module.requires_grad_(False).eval()
         if weight_dtype != torch.float32:  # LoRA: the whole frozen pipeline in half precision
-            pipeline.vae.to(dtype=weight_dtype)
-            pipeline.text_encoder.to(dtype=weight_dtype)
-            pipeline.unet.to(dtype=weight_dtype)
+            for module in (*self.half_precision_modules(), *self.text_encoders, unet):
+                module.to(dtype=weight_dtype)
         unet.requires_grad_(True).train()
-        self.denoiser = Denoiser(unet)
+        self.denoiser = self.make_denoiser(unet)
         self._frozen_copy: Denoiser | None = None
         self.is_lora = False
 
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        """The pipeline's text encoders, in the order the conditioning concatenates them."""
+        return [self.pipeline.text_encoder]
+
+    def half_precision_modules(self) -> list[nn.Module]:
+        """Frozen parts besides the text encoders and UNet that a half-precision LoRA run casts (the VAE)."""
+        return [self.pipeline.vae]
+
+    def make_denoiser(self, unet: nn.Module) -> Denoiser:
+        return Denoiser(unet)
+
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> DiffusersComponents:
-        """Load a ``StableDiffusionPipeline`` from a hub id or a local folder."""
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, vae_name_or_path: str | os.PathLike | None = None, **kwargs: Any
+    ) -> DiffusersComponents:
+        """Load the family's pipeline from a hub id or a local folder.
+
+        Args:
+            name_or_path: the pipeline (hub id or folder).
+            vae_name_or_path: a VAE to use instead of the pipeline's own (a folder or hub id holding the
+                ``AutoencoderKL`` itself, e.g. the fp16-safe ``madebyollin/sdxl-vae-fp16-fix``).
+            kwargs: passed to the adapter (``sampling_scheduler``, ``weight_dtype``...).
+        """
         from .hub import load_pretrained, pipeline_dtype_kwargs
         from .rewards import check_model_path
 
         path = check_model_path(name_or_path, "base model")  # before the heavy import: a typo fails in a second
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
         dtype = kwargs.pop("torch_dtype", None) or torch.float32  # a half-precision checkpoint loads as fp32
+        extra: dict[str, Any] = {}
+        if vae_name_or_path:
+            extra["vae"] = load_pretrained(
+                diffusers.AutoencoderKL.from_pretrained, check_model_path(vae_name_or_path, "VAE"), kind="VAE",
+                use_safetensors=True, **pipeline_dtype_kwargs(dtype),
+            )  # fmt: skip
         pipeline = load_pretrained(
-            StableDiffusionPipeline.from_pretrained, path, kind="base model",
-            safety_checker=None, requires_safety_checker=False, use_safetensors=True, **pipeline_dtype_kwargs(dtype),
+            getattr(diffusers, cls.pipeline_class_name).from_pretrained, path, kind="base model",
+            use_safetensors=True, **cls.pipeline_load_kwargs, **extra, **pipeline_dtype_kwargs(dtype),
         )  # fmt: skip
         return cls(pipeline, **kwargs)
 
@@ -261,6 +312,11 @@ class DiffusersComponents(DiffusionComponents):
 
     @torch.no_grad()
     def generate(self, prompts, seeds, num_inference_steps, guidance_scale, resolution) -> list[Image.Image]:
+        return list(self.sample(prompts, seeds, num_inference_steps, guidance_scale, resolution, "pil"))
+
+    @torch.no_grad()
+    def sample(self, prompts, seeds, num_inference_steps, guidance_scale, resolution, output_type: str = "pil"):
+        """The pipeline's images (``output_type="pil"``) or final latents (``"latent"``), one per (prompt, seed)."""
         if len(prompts) != len(seeds):
             raise ValueError("generate() needs one seed per prompt.")
         was_training = self.unet.training
@@ -289,11 +345,11 @@ class DiffusersComponents(DiffusionComponents):
                 width=resolution,
                 latents=latents,
                 generator=generators,
-                output_type="pil",
+                output_type=output_type,
             )
         finally:
             self.unet.train(was_training)
-        return list(out.images)
+        return out.images
 
     def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str]) -> None:
         from peft import LoraConfig
@@ -320,13 +376,13 @@ class DiffusersComponents(DiffusionComponents):
         return ids.to(self.device)
 
     def train_text_encoder(self, lora: bool, rank: int, alpha: float, target_modules: Sequence[str]) -> None:
-        text_encoder = self.pipeline.text_encoder
-        if lora:
-            add_text_encoder_lora(text_encoder, rank, alpha, target_modules)
-        else:
-            text_encoder.requires_grad_(True)
-        text_encoder.train()
-        self.denoiser.text_encoder = text_encoder  # the same object the pipeline samples with
+        for text_encoder in self.text_encoders:
+            if lora:
+                add_text_encoder_lora(text_encoder, rank, alpha, target_modules)
+            else:
+                text_encoder.requires_grad_(True)
+            text_encoder.train()
+        self.denoiser.set_text_encoders(self.text_encoders)  # the same objects the pipeline samples with
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -354,8 +410,8 @@ class DiffusersComponents(DiffusionComponents):
 
         out = Path(output_dir)
         if self.is_lora:
-            text_encoder = self.pipeline.text_encoder if self.trains_text_encoder else None
+            text_encoders = self.text_encoders if self.trains_text_encoder else []
             return export.save_lora_model(
-                self.pipeline, self.unet, out, lora_alpha=self.lora_alpha, text_encoder=text_encoder
+                self.pipeline, self.unet, out, lora_alpha=self.lora_alpha, text_encoders=text_encoders
             )
         return export.save_full_model(self.pipeline, out, unet=self.unet)

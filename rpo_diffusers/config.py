@@ -58,7 +58,18 @@ class RPOConfig:
     )
     # --- models and data -------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Stable Diffusion 1.x/2.x pipeline: hub id or local folder."}
+        default=None,
+        metadata={
+            "help": "Stable Diffusion 1.x/2.x or SDXL base pipeline: hub id or local folder (the family is read "
+            "from its model_index.json)."
+        },
+    )
+    pretrained_vae_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A VAE to use instead of the pipeline's (hub id or folder holding the AutoencoderKL), e.g. the "
+            "fp16-safe madebyollin/sdxl-vae-fp16-fix for SDXL in fp16, as diffusers' SDXL scripts take."
+        },
     )
     scorer_model_name_or_path: str = field(
         default="kakaobrain/align-base",
@@ -200,7 +211,13 @@ class RPOConfig:
         metadata={"help": "Text-encoder modules that get LoRA adapters with train_text_encoder and use_lora."},
     )
     # --- sampling (training images and validation) -------------------------------------------------
-    resolution: int = field(default=512, metadata={"help": "Training and sampling resolution (pixels)."})
+    resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "Training and sampling resolution (pixels); default: the model family's native size, 512 for "
+            "SD 1.x/2.x and 1024 for SDXL."
+        },
+    )
     num_inference_steps: int = field(
         default=50, metadata={"help": "Sampling steps for training and validation images."}
     )
@@ -217,6 +234,13 @@ class RPOConfig:
         default=40, metadata={"help": "Validate every N optimiser steps (and at step 0)."}
     )
     num_validation_images: int = field(default=4, metadata={"help": "Images per validation prompt."})
+    validation_resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "Resolution of the validation images the reward scores; default: resolution. Lower it (e.g. 512 "
+            "for SDXL trained at 1024) to make validation cheaper in time and memory."
+        },
+    )
     patience: int | None = field(
         default=None, metadata={"help": "Stop after this many validations without improvement (None: never)."}
     )
@@ -294,7 +318,7 @@ class RPOConfig:
             "train_batch_size": self.train_batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "rank": self.rank,
-            "resolution": self.resolution,
+            **({"resolution": self.resolution} if self.resolution is not None else {}),
             "num_inference_steps": self.num_inference_steps,
             "generation_batch_size": self.generation_batch_size,
             "validation_steps": self.validation_steps,
@@ -318,8 +342,14 @@ class RPOConfig:
             )
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
-        if self.resolution % 8:
+        if self.resolution is not None and self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}.")
+        if self.validation_resolution is not None and (
+            self.validation_resolution < 8 or self.validation_resolution % 8
+        ):
+            raise ValueError(
+                f"validation_resolution must be a positive multiple of 8, got {self.validation_resolution}."
+            )
         if self.lora_alpha is None:
             self.lora_alpha = float(self.rank)
         if not math.isfinite(float(self.lora_alpha)) or float(self.lora_alpha) <= 0:

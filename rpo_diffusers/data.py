@@ -176,13 +176,18 @@ def load_image_folder(
     return images
 
 
+def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """``(resized width, resized height, left, top)`` of :func:`center_crop_resize` for a ``width`` x ``height``
+    image (SDXL's size ids record the crop corner)."""
+    scale = size / min(width, height)
+    nw, nh = max(size, round(width * scale)), max(size, round(height * scale))
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
+
+
 def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     """Resize the short side to ``size`` and centre-crop to a square, as DreamBooth's loaders do."""
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    nw, nh, left, top = center_crop_box(*image.size, size)
     image = image.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
     return image.crop((left, top, left + size, top + size))
 
 

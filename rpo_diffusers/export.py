@@ -322,6 +322,12 @@ def portable_adapter_metadata(config) -> dict[str, Any]:
     return meta
 
 
+def kohya_text_encoder_prefixes(count: int) -> list[str]:
+    """kohya's text-encoder key prefixes: ``lora_te`` for SD's one encoder, ``lora_te1`` / ``lora_te2`` for
+    SDXL's two (what ComfyUI's LoraLoader and A1111 map to CLIP-L and CLIP-G)."""
+    return ["lora_te"] if count == 1 else [f"lora_te{i + 1}" for i in range(count)]
+
+
 def save_lora_model(
     pipeline,
     unet,
@@ -329,11 +335,14 @@ def save_lora_model(
     lora_alpha: float | None = None,
     kohya_dtype: torch.dtype = torch.float16,
     text_encoder=None,
+    text_encoders: Sequence[Any] = (),
 ) -> dict[str, str]:
     """``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out)``) + a kohya file for ComfyUI/A1111.
 
-    With ``text_encoder`` (carrying LoRA adapters) its LoRA goes into both files too: diffusers'
-    ``text_encoder.*`` keys, and kohya's ``lora_te_*`` keys that ComfyUI's LoraLoader applies to CLIP.
+    With text encoders carrying LoRA adapters (``text_encoder``, or ``text_encoders`` in the pipeline's order:
+    SDXL's two) their LoRA goes into both files too: diffusers' ``text_encoder.*`` / ``text_encoder_2.*``
+    keys, and kohya's ``lora_te_*`` (SD) or ``lora_te1_*`` / ``lora_te2_*`` (SDXL) keys that ComfyUI's
+    LoraLoader applies to CLIP. The pipeline's class writes the diffusers file (SD or SDXL layout).
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -356,23 +365,24 @@ def save_lora_model(
     )
     kohya = peft_to_kohya_state_dict(peft_sd, alpha, dtype=kohya_dtype)
     text_kwargs: dict[str, Any] = {}
-    if text_encoder is not None:
-        text_config = text_encoder.peft_config["default"]
-        text_sd = text_encoder_lora_state_dict(text_encoder)
+    encoders = [*([text_encoder] if text_encoder is not None else []), *text_encoders]
+    for i, (encoder, prefix) in enumerate(zip(encoders, kohya_text_encoder_prefixes(len(encoders)))):
+        name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+        text_config = encoder.peft_config["default"]
+        text_sd = text_encoder_lora_state_dict(encoder)
         if not text_sd:
-            raise ValueError("The text encoder has no LoRA adapters to save.")
-        text_meta = portable_adapter_metadata(text_config)
-        text_kwargs = {
-            "text_encoder_lora_layers": convert_state_dict_to_diffusers(text_sd),
-            "text_encoder_lora_adapter_metadata": text_meta,
-        }
+            raise ValueError(f"The {name} has no LoRA adapters to save.")
+        text_kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(text_sd)
+        text_kwargs[f"{name}_lora_adapter_metadata"] = portable_adapter_metadata(text_config)
         kohya.update(
-            peft_to_kohya_state_dict(text_sd, float(text_config.lora_alpha), prefix="lora_te", dtype=kohya_dtype)
+            peft_to_kohya_state_dict(text_sd, float(text_config.lora_alpha), prefix=prefix, dtype=kohya_dtype)
         )
+    # the pipeline's class knows its layout (SDXL: text_encoder_2); anything else writes SD's
+    writer = type(pipeline) if hasattr(pipeline, "save_lora_weights") else StableDiffusionPipeline
     out = Path(output_dir)
     with atomic_output_dir(out, merge=True) as tmp:
         adapter_meta = portable_adapter_metadata(config)
-        StableDiffusionPipeline.save_lora_weights(
+        writer.save_lora_weights(
             save_directory=tmp,
             unet_lora_layers=convert_state_dict_to_diffusers(peft_sd),
             safe_serialization=True,
@@ -427,12 +437,21 @@ def _is_toy_model(base_model: str | os.PathLike | None) -> bool:
         return False
 
 
+# per model family: the pipeline class users load the result with, the Hub tags and license of its cards
+FAMILY_CARDS = {
+    "sd": ("StableDiffusionPipeline", ["stable-diffusion"], "creativeml-openrail-m", "a Stable Diffusion model"),
+    "sdxl": ("StableDiffusionXLPipeline", ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"], "openrail++",
+             "a Stable Diffusion XL model"),
+}  # fmt: skip
+
+
 def _usage_snippet(
-    name: str, base_id: str | None, toy: bool, lora: bool, instance_prompt: str, config: Mapping[str, Any]
-) -> str:
+    name: str, base_id: str | None, toy: bool, lora: bool, instance_prompt: str, config: Mapping[str, Any],
+    pipeline_class: str = "StableDiffusionPipeline",
+) -> str:  # fmt: skip
     """How to load the result: the toy model plainly on a CPU; a real one in half precision on a GPU with a
     float32 CPU fallback (fp16 is not what a CPU runs)."""
-    imports = "from diffusers import StableDiffusionPipeline\n"
+    imports = f"from diffusers import {pipeline_class}\n"
     call = f'image = pipe("{instance_prompt} on the beach").images[0]'
     if toy:
         res = int(config.get("resolution") or 32)
@@ -442,11 +461,11 @@ def _usage_snippet(
         if lora:
             load = (
                 "from rpo_diffusers.toy import asset_path\n\n"
-                'pipe = StableDiffusionPipeline.from_pretrained(asset_path("sd"))  # the bundled toy model, CPU\n'
+                f'pipe = {pipeline_class}.from_pretrained(asset_path("sd"))  # the bundled toy model, CPU\n'
                 f'pipe.load_lora_weights("{name}")\n'
             )
         else:
-            load = f'pipe = StableDiffusionPipeline.from_pretrained("{name}")  # a tiny toy model: CPU, float32\n'
+            load = f'pipe = {pipeline_class}.from_pretrained("{name}")  # a tiny toy model: CPU, float32\n'
         return f"```python\n{imports}{'' if lora else chr(10)}{load}{call}\n```"
     device = (
         "import torch\n" + imports + "\n"
@@ -455,13 +474,13 @@ def _usage_snippet(
     )
     if lora:
         base = base_id or "path/to/the/base/model"
-        comment = "" if base_id else "  # the Stable Diffusion this LoRA was trained on"
+        comment = "" if base_id else "  # the base model this LoRA was trained on"
         load = (
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=dtype).to(device){comment}\n'
+            f'pipe = {pipeline_class}.from_pretrained("{base}", torch_dtype=dtype).to(device){comment}\n'
             f'pipe.load_lora_weights("{name}")\n'
         )
     else:
-        load = f'pipe = StableDiffusionPipeline.from_pretrained("{name}", torch_dtype=dtype).to(device)\n'
+        load = f'pipe = {pipeline_class}.from_pretrained("{name}", torch_dtype=dtype).to(device)\n'
     return f"```python\n{device}{load}{call}\n```"
 
 
@@ -479,35 +498,47 @@ def write_model_card(
     best_reward: float | None = None,
     method: str = "rpo",
     reward: str | None = None,
+    family: str = "sd",
+    widget_prompts: Sequence[str] = (),
 ) -> Path:
     """A diffusers-style ``README.md`` with YAML metadata, usage, settings and the validation history.
 
-    ``method`` ("rpo", "dreambooth", "dpg") and ``reward`` (what trained the model) go into the tags and the text.
+    ``method`` ("rpo", "dreambooth", "dpg") and ``reward`` (what trained the model) go into the tags and the text;
+    ``family`` ("sd", "sdxl") picks the pipeline class, the family's Hub tags and license; ``widget_prompts``
+    become the card's widget entries (the first shows the first sample image), as the Hub's LoRA cards have.
     """
+    pipeline_class, family_tags, license_name, family_name = FAMILY_CARDS.get(family, FAMILY_CARDS["sd"])
     tags = [
         "text-to-image",
         "diffusers",
-        "stable-diffusion",
+        *family_tags,
         *(["rpo"] if method == "rpo" else []),
         "dreambooth",
         *(["dpg"] if method == "dpg" else []),
         "lora" if lora else "full-finetune",
+        *(["template:sd-lora"] if lora else []),
     ]
     base_id = hub_base_model(base_model)
     toy = _is_toy_model(base_model)
+    widget = []
+    for i, prompt in enumerate(widget_prompts):
+        widget.append(f"- text: {json.dumps(prompt)}")
+        if i == 0 and sample_images:
+            widget += ["  output:", f"    url: {json.dumps(sample_images[0])}"]
     meta_lines = [
         "---",
         *([f"base_model: {json.dumps(base_id)}"] if base_id else []),
         "library_name: diffusers",
-        "license: creativeml-openrail-m",
+        f"license: {license_name}",
         f"instance_prompt: {json.dumps(instance_prompt)}",
         "tags:",
         *[f"- {t}" for t in tags],
+        *(["widget:", *widget] if widget else []),
         "inference: true",
         "---",
     ]
     name = repo_id or "path/to/this/folder"
-    snippet = _usage_snippet(name, base_id, toy, lora, instance_prompt, config)
+    snippet = _usage_snippet(name, base_id, toy, lora, instance_prompt, config, pipeline_class)
     if lora:
         usage = f"{snippet}\n\nComfyUI / A1111: copy `{LORA_KOHYA_FILENAME}` to `models/loras` and use LoraLoader."
     else:
@@ -518,7 +549,7 @@ def write_model_card(
         or (
             f"a local model (`{Path(os.fspath(base_model)).name}`)"
             if base_model and base_model != "unknown"
-            else "a Stable Diffusion model"
+            else family_name
         )
     )
     settings = "\n".join(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .components import DiffusersComponents, DiffusionComponents
+from .components import DiffusionComponents
 from .config import CLASS_IMAGES_DIR, RPOConfig, check_class_data_dir
 from .data import (
     images_to_tensor,
@@ -153,6 +153,8 @@ class PersonalizationTrainer:
         self.reference_images = to_pil_images(list(reference_images))
         if not self.reference_images:
             raise ValueError("reference_images is empty: personalization needs 3-6 photos of the subject.")
+        if config.resolution is None:  # the family's native size, read from its configs: 512 (SD), 1024 (SDXL)
+            config.resolution = self._native_resolution(model)
         self._warn_about_photos()
         # another run's checkpoint is refused before anything loads or is written (training images included)
         self._resume_path = self._checkpoint_to_resume()
@@ -242,26 +244,40 @@ class PersonalizationTrainer:
             self.accelerator.mixed_precision, torch.float32
         )
 
+    def _native_resolution(self, model) -> int:
+        """The model family's training size, before any weight loads (so resume checks see the real value)."""
+        from .families import native_resolution
+
+        if isinstance(model, DiffusionComponents):
+            return getattr(model, "resolution", model.default_resolution)
+        if model is None and not self.config.pretrained_model_name_or_path:
+            raise ValueError("No model: pass model= or set config.pretrained_model_name_or_path.")
+        return native_resolution(model if model is not None else self.config.pretrained_model_name_or_path)
+
     def _resolve_model(self, model) -> DiffusionComponents:
+        """The model family's adapter (:mod:`rpo_diffusers.families`: SD 1.x / 2.x or SDXL, from the pipeline's
+        class; anything else is refused before weights load)."""
+        from .families import components_for_pipeline, load_components
+
         cfg = self.config
         if isinstance(model, DiffusionComponents):
             return model
+        weight_dtype = self._weight_dtype() if cfg.use_lora else torch.float32
         if model is None:
             if not cfg.pretrained_model_name_or_path:
                 raise ValueError("No model: pass model= or set config.pretrained_model_name_or_path.")
-            return DiffusersComponents.from_pretrained(
+            return load_components(
                 cfg.pretrained_model_name_or_path,
                 sampling_scheduler=cfg.sampling_scheduler,
-                weight_dtype=self._weight_dtype() if cfg.use_lora else torch.float32,
+                weight_dtype=weight_dtype,
+                resolution=cfg.resolution,
+                vae_name_or_path=cfg.pretrained_vae_model_name_or_path,
             )
         if hasattr(model, "unet") and hasattr(model, "vae"):
-            return DiffusersComponents(
-                model,
-                sampling_scheduler=cfg.sampling_scheduler,
-                weight_dtype=self._weight_dtype() if cfg.use_lora else torch.float32,
-            )
+            return components_for_pipeline(model, cfg.sampling_scheduler, weight_dtype, cfg.resolution)
         raise TypeError(
-            f"Unsupported model type {type(model).__name__}: pass a StableDiffusionPipeline or DiffusionComponents."
+            f"Unsupported model type {type(model).__name__}: pass a StableDiffusionPipeline, a "
+            "StableDiffusionXLPipeline or DiffusionComponents."
         )
 
     def _load_scorer(self):
@@ -336,10 +352,15 @@ class PersonalizationTrainer:
         return images, [int(e["prompt_index"]) for e in manifest["images"]]
 
     def _generate_in_batches(
-        self, prompts: list[str], seeds: list[int], desc: str | None = None, event: str | None = None
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        desc: str | None = None,
+        event: str | None = None,
+        resolution: int | None = None,
     ):
         """Sample ``generation_batch_size`` images at a time with the current weights, with a progress bar
-        (``desc``) and a callback ``event`` when given.
+        (``desc``) and a callback ``event`` when given, at ``resolution`` (default: the training resolution).
 
         Yields each batch as soon as it is drawn, so a caller can save it before the next one starts.
         """
@@ -357,7 +378,7 @@ class PersonalizationTrainer:
                         seeds[start:end],
                         cfg.num_inference_steps,
                         cfg.guidance_scale,
-                        cfg.resolution,
+                        resolution or cfg.resolution,
                     )
                 done += len(batch)
                 bar.update(len(batch))
@@ -473,23 +494,26 @@ class PersonalizationTrainer:
         """
         cfg = self.config
         self.scorer.set_reference_images(self.reference_images)
-        dev = self.accelerator.device
+        dev, comp, res = self.accelerator.device, self.components, cfg.resolution
+        instance = self._conditioning([cfg.instance_prompt])
         data = TrainingSet(
-            reference_latents=self.components.encode_images(
-                images_to_tensor(self.reference_images, cfg.resolution).to(dev)
-            ).float(),
-            instance_embedding=self._conditioning([cfg.instance_prompt]),
-        )
+            reference_latents=comp.encode_images(images_to_tensor(self.reference_images, res).to(dev)).float(),
+            instance_embedding=instance,
+            # one row per photo: SDXL is also told each photo's original size and crop
+            reference_conditioning=comp.condition_on_sizes(instance, [im.size for im in self.reference_images], res),
+        )  # fmt: skip
         if generated:
             data.generated_images = list(generated)
             data.generated_prompt_indices = list(prompt_indices)
-            data.generated_latents = self.components.encode_images(
-                images_to_tensor(generated, cfg.resolution).to(dev)
-            ).float()
-            data.prompt_embeddings = self.components.encode_prompts(cfg.train_prompts)
+            data.generated_latents = comp.encode_images(images_to_tensor(generated, res).to(dev)).float()
+            # drawn at the training resolution: original size = target size, no crop
+            sizes = [(res, res)] * len(cfg.train_prompts)
+            data.prompt_embeddings = comp.condition_on_sizes(comp.encode_prompts(cfg.train_prompts), sizes, res)
         if class_images:
             data.class_latents = self._encode_in_batches(class_images)
             data.class_embedding = self._conditioning([cfg.class_prompt])
+            sizes = [im.size for im in class_images]
+            data.class_conditioning = comp.condition_on_sizes(data.class_embedding, sizes, res)
         return data
 
     def _conditioning(self, prompts: list[str]) -> torch.Tensor:
@@ -558,7 +582,8 @@ class PersonalizationTrainer:
             t0 = time.perf_counter()
             prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
             seeds = [cfg.seed + 7919 * (1 + i) for i in range(len(prompts))]
-            images = [im for batch in self._generate_in_batches(prompts, seeds) for im in batch]
+            size = cfg.validation_resolution  # lower: cheaper validation (SDXL at 1024 px), the same reward
+            images = [im for batch in self._generate_in_batches(prompts, seeds, resolution=size) for im in batch]
             scores = self.scorer.score(images, prompts, lambda_=cfg.lambda_val)
             per_prompt = {
                 p: float(
@@ -994,6 +1019,8 @@ class PersonalizationTrainer:
             best_reward=self.best_reward,
             method=cfg.method,
             reward=self.objective.summary().get("reward"),
+            family=self.components.family,
+            widget_prompts=[cfg.instance_prompt, *cfg.validation_prompts[:3]],
         )
 
 

@@ -176,15 +176,25 @@ def run_mode(args: argparse.Namespace, mode: str, output_dir: Path) -> dict:
 def build_models(args: argparse.Namespace, root: Path) -> None:
     """Fill in --model/--scorer with models built from configs (reused from --workdir when already there)."""
     if args.model is None:
-        args.model = str(root / (f"sd15-{args.sd15_dtype}" if args.sd15_shaped else "sd"))
+        name = "sdxl-shaped" if args.sdxl_shaped else f"sd15-{args.sd15_dtype}" if args.sd15_shaped else "sd"
+        args.model = str(root / ("tiny-sdxl" if args.tiny_sdxl else name))
         if not (Path(args.model) / "model_index.json").exists():
             import torch
 
-            from rpo_diffusers.testing.tiny_pipeline import build_sd15_shaped_pipeline, build_tiny_pipeline
+            from rpo_diffusers.testing.tiny_pipeline import (
+                build_sd15_shaped_pipeline,
+                build_sdxl_shaped_pipeline,
+                build_tiny_pipeline,
+                build_tiny_sdxl_pipeline,
+            )
 
-            if args.sd15_shaped:  # fp32 on disk by default, like the real SD1.5 repository's main branch
+            if args.sdxl_shaped:
+                build_sdxl_shaped_pipeline(args.model)
+            elif args.sd15_shaped:  # fp32 on disk by default, like the real SD1.5 repository's main branch
                 dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.sd15_dtype]
                 build_sd15_shaped_pipeline(args.model, dtype=dtype)
+            elif args.tiny_sdxl:
+                build_tiny_sdxl_pipeline(args.model)
             else:
                 build_tiny_pipeline(args.model)
     if args.scorer is None:
@@ -253,6 +263,12 @@ def main(argv: list[str] | None = None) -> None:
         "--sd15_shaped",
         action="store_true",
         help="without --model: a random SD1.5-shaped pipeline (~860M UNet)",
+    )
+    parser.add_argument(
+        "--sdxl_shaped", action="store_true", help="without --model: a random SDXL-base-shaped pipeline (fp16)"
+    )
+    parser.add_argument(
+        "--tiny_sdxl", action="store_true", help="without --model: the tiny SDXL pipeline the tests use"
     )
     parser.add_argument(
         "--clip_b16", action="store_true", help="without --scorer: a random CLIP with ViT-B/16 shapes"

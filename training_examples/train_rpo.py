@@ -6,10 +6,12 @@
         --instance_data_dir ./dog --class_noun dog --output_dir rpo-dog --use_lora
     # --method dreambooth [--with_prior_preservation]   DreamBooth
     # --method dpg --dpg_reward dino                    DPG with the DINO look-forward reward
+    # --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0   SDXL (1024 px by default)
 
 Argument names follow diffusers' ``train_dreambooth(_lora).py`` where the meaning is the same; every
 field of :class:`rpo_diffusers.RPOConfig` is an argument (``--help`` lists them). The result loads with
-``StableDiffusionPipeline.from_pretrained(output_dir)`` (full) or ``pipe.load_lora_weights(output_dir)`` (LoRA).
+``StableDiffusionPipeline.from_pretrained(output_dir)`` (full; ``StableDiffusionXLPipeline`` for SDXL) or
+``pipe.load_lora_weights(output_dir)`` (LoRA). The model family is read from the pipeline's model_index.json.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class ScriptArguments:
 
 
 KINDS = {"pretrained_model_name_or_path": "base model", "scorer_model_name_or_path": "scorer",
-         "dpg_reward_model": "DINO model"}  # fmt: skip
+         "dpg_reward_model": "DINO model", "pretrained_vae_model_name_or_path": "VAE"}  # fmt: skip
 
 
 def _negated_flags_say_what_they_do(parser: HfArgumentParser) -> None:
@@ -70,11 +72,19 @@ def parse_args(input_args: list[str] | None = None) -> tuple[RPOConfig, ScriptAr
     flags = ["pretrained_model_name_or_path", "scorer_model_name_or_path"]
     if config.method == "dpg" and config.dpg_reward == "dino":
         flags.append("dpg_reward_model")
+    if config.pretrained_vae_model_name_or_path:
+        flags.append("pretrained_vae_model_name_or_path")
     for flag in flags:
         try:  # fail in a second, before loading anything
             check_model_path(getattr(config, flag), KINDS[flag])
         except (FileNotFoundError, NotADirectoryError, ValueError) as err:
             parser.error(f"--{flag}: {err}")
+    from rpo_diffusers.families import UnsupportedModelError, check_model
+
+    try:  # the model family from its configs: a refiner, an inpainting model, SD3... fail here
+        check_model(config.pretrained_model_name_or_path, config.resolution)
+    except UnsupportedModelError as err:
+        parser.error(f"--pretrained_model_name_or_path: {err}")
     return config, script
 
 

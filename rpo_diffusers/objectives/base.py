@@ -41,6 +41,20 @@ class TrainingSet:
     generated_images: list[Image.Image] = field(default_factory=list)
     class_latents: torch.Tensor | None = None  # [K, C, h, w]
     class_embedding: torch.Tensor | None = None  # [1, L, D]: the class prompt
+    # one conditioning row per reference / class latent: the prompt's, plus what the model family conditions
+    # on per image (SDXL: each photo's size and crop); by default the prompt's row repeated (a view)
+    reference_conditioning: Any = None  # [R, ...]
+    class_conditioning: Any = None  # [K, ...]
+
+    def __post_init__(self) -> None:
+        if self.reference_conditioning is None:
+            self.reference_conditioning = repeat_rows(self.instance_embedding, len(self.reference_latents))
+        if (
+            self.class_conditioning is None
+            and self.class_latents is not None
+            and self.class_embedding is not None
+        ):
+            self.class_conditioning = repeat_rows(self.class_embedding, len(self.class_latents))
 
 
 class LoopContext(Protocol):
@@ -177,7 +191,8 @@ class Objective(ABC):
         idx = self.class_indices(positions)
         latents = self.data.class_latents[idx.to(self.data.class_latents.device)]
         noisy, t, target = self.noisy(latents, generator)
-        cond = repeat_rows(self.data.class_embedding, len(latents)).to(self.device)
+        conditioning = self.data.class_conditioning
+        cond = conditioning[idx.to(conditioning.device)].to(self.device)
         return noisy, t, cond, target
 
     def denoise_with_prior(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..losses import denoising_error
-from .base import EpochSampler, LoopContext, Objective, TrainingSet, repeat_rows
+from .base import EpochSampler, LoopContext, Objective, TrainingSet
 
 
 class DreamBoothObjective(Objective):
@@ -32,7 +32,7 @@ class DreamBoothObjective(Objective):
         idx = self.reference_sampler(positions)
         latents = data.reference_latents[idx.to(data.reference_latents.device)]
         noisy, t, target = self.noisy(latents, generator)
-        cond = repeat_rows(data.instance_embedding, len(latents)).to(self.device)
+        cond = data.reference_conditioning[idx.to(data.reference_conditioning.device)].to(self.device)
         return latents.to(self.device), noisy, t, cond, target
 
     def loss(self, model: nn.Module, positions: Sequence[int], generator: torch.Generator):

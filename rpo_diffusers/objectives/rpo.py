@@ -106,7 +106,7 @@ class RPOObjective(Objective):
         )
         cond = torch.cat(
             [
-                data.instance_embedding.expand(b, -1, -1),
+                data.reference_conditioning[ref_idx.to(data.reference_conditioning.device)],
                 data.prompt_embeddings[prompt_idx.to(data.prompt_embeddings.device)],
             ]
         ).to(self.device)
