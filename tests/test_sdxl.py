@@ -253,7 +253,7 @@ def test_lora_exports_reproduce_the_trained_model(sdxl_dir, clip_scorer, photos,
         else:
             assert key.split(".")[0].split("_", 2)[2].startswith("text_model_encoder_layers_"), key
     kohya_pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
-    kohya_pipe.load_lora_weights(str(out / LORA_KOHYA_FILENAME))  # diffusers' kohya converter: every key used
+    kohya_pipe.load_lora_weights(str(out), weight_name=LORA_KOHYA_FILENAME)  # diffusers' kohya converter: every key used
     _assert_same_images(
         _generate(SDXLComponents(kohya_pipe, resolution=32)), expected, tolerance=3.0
     )  # fp16 file
