@@ -30,6 +30,7 @@ T = TypeVar("T")
 BUNDLED_MODELS: dict[str, tuple[str, str]] = {
     "toy-sd": ("sd", "Stable Diffusion"),
     "toy-scorer": ("scorer", "the ALIGN / CLIP scorer"),
+    "toy-scorer-domain": ("scorer_domain", "the scorer that has also seen the generator's images"),
     "toy-dino": ("dino_eval", "DINO"),
     "toy-clip": ("clip_eval", "CLIP"),
     "toy-classifier": ("classifier", "the toy world's attribute classifier"),
