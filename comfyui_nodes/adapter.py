@@ -26,7 +26,7 @@ from torch import nn
 
 from rpo_diffusers.components import DiffusionComponents
 from rpo_diffusers.export import atomic_save_file, lora_metadata, peft_to_kohya_state_dict
-from rpo_diffusers.families import SD, SDXL, check_sdxl_resolution
+from rpo_diffusers.families import NATIVE_RESOLUTION, SD, SDXL, check_sdxl_resolution
 from rpo_diffusers.sdxl import SDXLConditioning, SDXLSizeConditioning
 
 # ComfyUI's model configs (comfy/supported_models.py) per family: SDXL base and its distilled variants share
@@ -122,9 +122,15 @@ def check_supported_model(model: Any, resolution: int | None = None) -> str:
             f"RPO Train supports {SUPPORTED_TEXT} with ε- or v-prediction on the discrete 1000-step schedule; this "
             f"{name} MODEL uses {prediction} (e.g. Playground v2.5 or an EDM merge)."
         )
+    unet_config = getattr(config, "unet_config", {})
+    if unet_config.get("in_channels", 4) != 4:
+        raise ValueError(
+            f"This {name} MODEL's UNet takes {unet_config['in_channels']} input channels (an inpainting or "
+            f"instruct model); RPO Train personalizes text-to-image {SUPPORTED_TEXT}: load the base model."
+        )
     family = SUPPORTED_MODEL_CONFIGS[name]
     if family == SDXL and resolution is not None:
-        levels = len(getattr(config, "unet_config", {}).get("channel_mult") or [0] * 3)
+        levels = len(unet_config.get("channel_mult") or [0] * 3)
         check_sdxl_resolution(resolution, {"block_out_channels": [0] * 4}, {"block_out_channels": [0] * levels})
     return family
 
@@ -176,7 +182,12 @@ class ComfyComponents(DiffusionComponents):
     ) -> None:
         import comfy.model_management
 
-        self.family = check_supported_model(model)
+        family = check_supported_model(model)
+        if family != self.family:
+            raise ValueError(
+                f"{type(self).__name__} adapts {self.family} checkpoints and this MODEL is {family}: build the adapter "
+                "with comfy_components(), which picks the family's."
+            )
         comfy.model_management.load_models_gpu(
             [model]
         )  # bakes any patches (e.g. an earlier LoRA) into the weights
@@ -341,7 +352,7 @@ class ComfySDXLComponents(SDXLSizeConditioning, ComfyComponents):
     """
 
     family = SDXL
-    default_resolution = 1024
+    default_resolution = NATIVE_RESOLUTION[SDXL]
 
     def __init__(self, model: Any, clip: Any, vae: Any, output_file: str | os.PathLike, resolution: int = 1024,
                  **kwargs: Any) -> None:  # fmt: skip

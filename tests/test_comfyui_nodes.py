@@ -155,10 +155,10 @@ def test_train_rejects_a_non_sd_model_before_writing_anything():
     assert _written_files() == before
 
 
-def _comfy_model(config_name: str, prediction: str = "EPS", channel_mult: tuple[int, ...] = (1, 2, 4)):
+def _comfy_model(config_name: str, prediction: str = "EPS", in_channels: int = 4):
     """What check_supported_model reads of a Load Checkpoint MODEL: its ComfyUI model config's class name (the
     names of comfy/supported_models.py), the UNet config and the prediction type; no weights."""
-    config = type(config_name, (), {"unet_config": {"channel_mult": list(channel_mult)}})()
+    config = type(config_name, (), {"unet_config": {"channel_mult": [1, 2, 4], "in_channels": in_channels}})()
     model_type = type("ModelType", (), {"name": prediction})()
     base = type("BaseModel", (), {"model_config": config, "diffusion_model": None, "model_type": model_type})()
     return type("ModelPatcher", (), {"model": base})()
@@ -182,6 +182,7 @@ def test_sd_and_sdxl_checkpoints_are_accepted_as_their_family(config_name, famil
         (_comfy_model("Flux"), r"1.x / 2.x and SDXL \(base\).*'Flux'"),
         (_comfy_model("Stable_Cascade_C"), r"1.x / 2.x and SDXL \(base\).*'Stable_Cascade_C'"),
         (_comfy_model("SDXL", prediction="EDM"), r"SDXL MODEL uses EDM.*Playground"),
+        (_comfy_model("SDXL", in_channels=9), r"SDXL MODEL's UNet takes 9 input channels \(an inpainting"),
     ],
 )
 def test_other_families_are_refused_naming_what_is_supported(model, message):
