@@ -354,9 +354,9 @@ class ComfySDXLComponents(SDXLSizeConditioning, ComfyComponents):
     family = SDXL
     default_resolution = NATIVE_RESOLUTION[SDXL]
 
-    def __init__(self, model: Any, clip: Any, vae: Any, output_file: str | os.PathLike, resolution: int = 1024,
-                 **kwargs: Any) -> None:  # fmt: skip
-        self.resolution = int(resolution)
+    def __init__(self, model: Any, clip: Any, vae: Any, output_file: str | os.PathLike,
+                 resolution: int | None = None, **kwargs: Any) -> None:  # fmt: skip
+        self.resolution = int(resolution or self.default_resolution)
         check_supported_model(model, self.resolution)
         super().__init__(model, clip, vae, output_file, **kwargs)
         self.context_dim = model.model.model_config.unet_config["context_dim"]
