@@ -436,14 +436,17 @@ def test_text_encoder_lora_keys_all_load_in_lora_loader(comfy):
 
 
 # --- SDXL ----------------------------------------------------------------------------------------------------
-SDXL_UNET = """
+SDXL_PARTS = """
 import sys
-dst = sys.argv[1]
+models = sys.argv[1]
 sys.argv = [sys.argv[0], "--cpu"]
 import comfy.options
 comfy.options.enable_args_parsing()
 import comfy.model_detection, torch
+from diffusers import AutoencoderKL
 from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from rpo_diffusers.testing.tiny_pipeline import SDXL_TEXT_CONFIGS
 
 # SDXL base's layout where ComfyUI reads it (320 channels, 2048-wide text, 2816-wide y, encoder depths
 # [0, 0, 2, 2, 10, 10]) at one width throughout and a shallow decoder and middle: 160M parameters, not 2.6B
@@ -465,32 +468,30 @@ with torch.no_grad():
 state = {k: v.detach().half().contiguous() for k, v in unet.state_dict().items()}
 detected = comfy.model_detection.model_config_from_unet(state, "")
 assert type(detected).__name__ == "SDXL", detected  # what UNETLoader will see
-save_file(state, dst)
-"""
+save_file(state, f"{models}/diffusion_models/sdxl_unet.safetensors")
+del unet, state
 
-
-def _random_text_encoder(config: dict, with_projection: bool, path: Path) -> None:
-    """A CLIP text tower of the real shapes (ComfyUI builds SDXL's CLIP-L and CLIP-G at fixed sizes), random in
-    fp16 straight from meta-device shapes: CLIP-G's 695M parameters never exist in fp32 here."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+# CLIP-L and CLIP-G of the real shapes (ComfyUI builds SDXL's text encoders at fixed sizes), random in fp16 straight
+# from meta-device shapes: CLIP-G's 695M parameters never exist in fp32
+for name, cls, text_config in zip(("clip_l", "clip_g"), (CLIPTextModel, CLIPTextModelWithProjection), SDXL_TEXT_CONFIGS):
     with torch.device("meta"):
-        model = cls(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **config))
-    gen = torch.Generator().manual_seed(len(path.name))
+        shapes = cls(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **text_config)).state_dict()
     state = {}
-    for name, t in model.state_dict().items():
+    for key, t in shapes.items():
         if not t.is_floating_point():
             continue
-        if not name.startswith(("text_model.", "text_projection.")):  # transformers 5's CLIPTextModel drops it
-            name = "text_model." + name
+        if not key.startswith(("text_model.", "text_projection.")):  # transformers 5's CLIPTextModel drops it
+            key = "text_model." + key
         if t.ndim == 1:
-            state[name] = (torch.ones if name.endswith(".weight") else torch.zeros)(t.shape, dtype=torch.float16)
+            state[key] = (torch.ones if key.endswith(".weight") else torch.zeros)(t.shape, dtype=torch.float16)
         else:
-            state[name] = (torch.randn(t.shape, generator=gen) * 0.02).half()
-    save_file(state, str(path))
+            state[key] = (torch.randn(t.shape) * 0.02).half()
+    save_file(state, f"{models}/text_encoders/{name}.safetensors")
+    del state
+vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+save_file({k: v.half().contiguous() for k, v in vae.state_dict().items()}, f"{models}/vae/sdxl_vae.safetensors")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -499,29 +500,14 @@ def sdxl_base(tmp_path_factory) -> Path:
     UNet that ComfyUI's classes built), DualCLIPLoader type sdxl (CLIP-L + CLIP-G of the real sizes), VAELoader
     (SD's VAE shape, as SDXL's), then CheckpointSave; Load Checkpoint then detects it as SDXL from its tensors.
     The server that assembled it is closed again, so its copies of the parts never share memory with a test's."""
-    from diffusers import AutoencoderKL
-    from safetensors.torch import save_file
-
-    from rpo_diffusers.testing.tiny_pipeline import SDXL_TEXT_CONFIGS
-
     base = _base_directory(tmp_path_factory.mktemp("comfy_sdxl"))
-    parts = {"diffusion_models": "sdxl_unet", "text_encoders": "clip_l", "vae": "sdxl_vae"}
+    parts = ("diffusion_models", "text_encoders", "vae")
     for d in parts:
         (base / "models" / d).mkdir(parents=True, exist_ok=True)
-    python = os.environ.get("COMFYUI_PYTHON", "python")
-    done = subprocess.run([python, "-c", SDXL_UNET, str(base / "models/diffusion_models/sdxl_unet.safetensors")],
-                          cwd=COMFYUI_PATH, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": COMFYUI_PATH})  # fmt: skip
+    python = os.environ.get("COMFYUI_PYTHON", "python")  # built in its own process: this one stays small
+    done = subprocess.run([python, "-c", SDXL_PARTS, str(base / "models")], cwd=COMFYUI_PATH, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": f"{COMFYUI_PATH}:{REPO}"})  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    _random_text_encoder(SDXL_TEXT_CONFIGS[0], False, base / "models/text_encoders/clip_l.safetensors")
-    _random_text_encoder(SDXL_TEXT_CONFIGS[1], True, base / "models/text_encoders/clip_g.safetensors")
-    import torch
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)  # fmt: skip
-    save_file({k: v.half().contiguous() for k, v in vae.state_dict().items()}, str(base / "models/vae/sdxl_vae.safetensors"))
-    del vae
     server = Server(base)
     try:
         server.run({
