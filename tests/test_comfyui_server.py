@@ -662,3 +662,13 @@ def test_sdxl_full_unet_training_saves_a_unet_that_unet_loader_reads_as_sdxl(sdx
     sample["14"]["inputs"]["filename_prefix"] = "rpo_sdxl_full_reloaded"
     entry = server.run(sample)
     assert entry["outputs"]["14"]["images"]
+
+
+def test_sdxl_dpg_with_the_lambda_harmonic_reward_trains_in_the_node(sdxl):
+    """method=dpg on SDXL: the critic learns the scorer's reward on images ComfyUI's SDXL VAE decodes; the LoRA loads."""
+    server, base = sdxl
+    entry = server.run(_sdxl_workflow("rpo_train_then_sample", method="dpg", dpg_reward="lambda_harmonic",
+                                      output_name="dpg_sdxl"))  # fmt: skip
+    history = json.loads((base / "output/rpo/dpg_sdxl/rpo_history.json").read_text())
+    assert history["method"] == "dpg" and (base / "models/loras/dpg_sdxl.safetensors").exists()
+    assert entry["outputs"]["14"]["images"], "KSampler produced no image from the DPG-trained SDXL MODEL"
