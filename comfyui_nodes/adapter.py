@@ -1,5 +1,9 @@
 """ComfyUI's MODEL / CLIP / VAE as :class:`rpo_diffusers.components.DiffusionComponents`.
 
+Two model families: SD 1.x / 2.x (:class:`ComfyComponents`) and SDXL (:class:`ComfySDXLComponents`, the same
+adapter with SDXL's conditioning: the pooled output and the size embedding, built by the checkpoint's own
+``encode_adm`` as KSampler builds it). Anything else is refused by :func:`check_supported_model`.
+
 The RPO node trains through the very same ``RPOTrainer`` loop as the script; this adapter is the only
 ComfyUI-specific part. It trains a copy of the checkpoint's UNet (the user's loaded MODEL is never
 modified), samples with its own small DDIM loop on that copy, and exports files ComfyUI's standard
@@ -9,6 +13,7 @@ loaders read: a kohya LoRA (LoraLoader) or an LDM-format UNet (UNETLoader).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,8 +26,15 @@ from torch import nn
 
 from rpo_diffusers.components import DiffusionComponents
 from rpo_diffusers.export import atomic_save_file, lora_metadata, peft_to_kohya_state_dict
+from rpo_diffusers.families import NATIVE_RESOLUTION, SD, SDXL, check_sdxl_resolution
+from rpo_diffusers.sdxl import SDXLConditioning, SDXLSizeConditioning
 
-SUPPORTED_MODEL_CONFIGS = ("SD15", "SD20")
+# ComfyUI's model configs (comfy/supported_models.py) per family: SDXL base and its distilled variants share
+# its UNet layout and conditioning; refiner, inpainting, EDM (Playground v2.5) and other families are refused.
+SUPPORTED_MODEL_CONFIGS = {"SD15": SD, "SD20": SD, "SDXL": SDXL, "SSD1B": SDXL, "Segmind_Vega": SDXL,
+                           "KOALA_700M": SDXL, "KOALA_1B": SDXL}  # fmt: skip
+SUPPORTED_PREDICTIONS = ("EPS", "V_PREDICTION")
+SUPPORTED_TEXT = "Stable Diffusion 1.x / 2.x and SDXL (base) checkpoints"
 
 
 class ComfyDenoiser(nn.Module):
@@ -46,33 +58,81 @@ class ComfyDenoiser(nn.Module):
         self.compute_dtype = compute_dtype
         self.before_forward = before_forward
 
-    def forward(
-        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor
-    ) -> torch.Tensor:
+    def conditioning_kwargs(self, conditioning: Any) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning inputs: SD's is the text states alone (``context``)."""
+        return {"context": conditioning}
+
+    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
         if self.before_forward is not None:
             self.before_forward()
+        kwargs = self.conditioning_kwargs(conditioning)
         if self.compute_dtype is None:
-            return self.unet(noisy_latents, timesteps=timesteps, context=conditioning)
+            return self.unet(noisy_latents, timesteps=timesteps, **kwargs)
         device = next(self.unet.parameters()).device
         out = self.unet(
             noisy_latents.to(device, self.compute_dtype),
             timesteps=timesteps.to(device),
-            context=conditioning.to(device, self.compute_dtype),
+            **{k: v.to(device, self.compute_dtype) for k, v in kwargs.items()},
         )
         return out.to(noisy_latents.device, torch.float32)
 
 
-def check_supported_model(model: Any) -> str:
-    """The MODEL must be an SD 1.x / 2.x checkpoint; anything else gets an error naming what it is."""
+class ComfySDXLDenoiser(ComfyDenoiser):
+    """SDXL's UNet takes ``y`` besides the text states: the pooled output and the six size ids, embedded by the
+    checkpoint's own ``encode_adm`` (comfy/model_base.py ``SDXL``), exactly as KSampler conditions it.
+
+    Args:
+        encode_adm: the ComfyUI model's ``encode_adm`` (keyword arguments as CLIPTextEncodeSDXL's cond dict).
+    """
+
+    def __init__(self, unet: nn.Module, encode_adm: Callable[..., torch.Tensor], **kwargs: Any) -> None:
+        super().__init__(unet, **kwargs)
+        self.encode_adm = encode_adm
+
+    def conditioning_kwargs(self, conditioning: SDXLConditioning) -> dict[str, torch.Tensor]:
+        if not isinstance(conditioning, SDXLConditioning):
+            raise TypeError(f"SDXL's UNet needs SDXLConditioning, got {type(conditioning).__name__}.")
+        return {"context": conditioning.prompt_embeds, "y": sdxl_adm(self.encode_adm, conditioning)}
+
+
+def sdxl_adm(encode_adm: Callable[..., torch.Tensor], conditioning: SDXLConditioning) -> torch.Tensor:
+    """``y`` for each row: ComfyUI's size names for the ids (h, w, crop top, crop left, target h, target w)."""
+    names = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
+    rows = [
+        encode_adm(pooled_output=pooled[None], **dict(zip(names, ids)))
+        for pooled, ids in zip(conditioning.text_embeds, conditioning.time_ids.tolist())
+    ]
+    return torch.cat(rows).to(conditioning.prompt_embeds.device, torch.float32)
+
+
+def check_supported_model(model: Any, resolution: int | None = None) -> str:
+    """The MODEL's family (``"sd"`` or ``"sdxl"``); anything else gets an error naming what it is and what is
+    supported. With ``resolution``, an SDXL size its size ids and latent grid cannot describe is refused too."""
     base = getattr(model, "model", None)
     config = getattr(base, "model_config", None)
     name = type(config).__name__ if config is not None else type(base).__name__
     if name not in SUPPORTED_MODEL_CONFIGS or not hasattr(base, "diffusion_model"):
         raise ValueError(
-            f"RPO Train supports Stable Diffusion 1.x / 2.x checkpoints; this MODEL is {name!r}. Load an SD 1.5 or "
-            "SD 2.x checkpoint with Load Checkpoint."
+            f"RPO Train supports {SUPPORTED_TEXT}; this MODEL is {name!r}. Load an SD 1.5, SD 2.x or SDXL base "
+            "checkpoint with Load Checkpoint."
         )
-    return name
+    prediction = getattr(getattr(base, "model_type", None), "name", "EPS")
+    if prediction not in SUPPORTED_PREDICTIONS:
+        raise ValueError(
+            f"RPO Train supports {SUPPORTED_TEXT} with ε- or v-prediction on the discrete 1000-step schedule; this "
+            f"{name} MODEL uses {prediction} (e.g. Playground v2.5 or an EDM merge)."
+        )
+    unet_config = getattr(config, "unet_config", {})
+    if unet_config.get("in_channels", 4) != 4:
+        raise ValueError(
+            f"This {name} MODEL's UNet takes {unet_config['in_channels']} input channels (an inpainting or "
+            f"instruct model); RPO Train personalizes text-to-image {SUPPORTED_TEXT}: load the base model."
+        )
+    family = SUPPORTED_MODEL_CONFIGS[name]
+    if family == SDXL and resolution is not None:
+        levels = len(unet_config.get("channel_mult") or [0] * 3)
+        check_sdxl_resolution(resolution, {"block_out_channels": [0] * 4}, {"block_out_channels": [0] * levels})
+    return family
 
 
 def ddpm_scheduler_for(model: Any):
@@ -122,7 +182,12 @@ class ComfyComponents(DiffusionComponents):
     ) -> None:
         import comfy.model_management
 
-        self.config_name = check_supported_model(model)
+        family = check_supported_model(model)
+        if family != self.family:
+            raise ValueError(
+                f"{type(self).__name__} adapts {self.family} checkpoints and this MODEL is {family}: build the adapter "
+                "with comfy_components(), which picks the family's."
+            )
         comfy.model_management.load_models_gpu(
             [model]
         )  # bakes any patches (e.g. an earlier LoRA) into the weights
@@ -131,7 +196,7 @@ class ComfyComponents(DiffusionComponents):
         # Train a copy (cloned out of inference mode): the user's MODEL stays untouched and is the reference.
         self.train_unet = copy.deepcopy(self.base_unet).float().requires_grad_(True).train()
         self.check_interrupt = check_interrupt
-        self.denoiser = ComfyDenoiser(self.train_unet, before_forward=check_interrupt)
+        self.denoiser = self.make_denoiser(self.train_unet)
         self.noise_scheduler = ddpm_scheduler_for(model)
         self.output_file = Path(output_file)
         self.is_lora = False
@@ -142,14 +207,26 @@ class ComfyComponents(DiffusionComponents):
         self.train_unet.to(device)
         return self
 
+    def make_denoiser(self, unet: nn.Module, compute_dtype: torch.dtype | None = None) -> ComfyDenoiser:
+        """The family's denoiser around ``unet`` (the trained copy, or the user's UNet as the reference)."""
+        return ComfyDenoiser(unet, compute_dtype=compute_dtype, before_forward=self.check_interrupt)
+
     # -- conditioning and latents --------------------------------------------------------------------
+    def encode_text(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CLIPTextEncode's cond (the first 77-token chunk, as training sees one) and its pooled output."""
+        cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True)
+        return cond[:, :77], pooled
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        conds = []
-        for p in prompts:
-            cond = self.clip.encode_from_tokens(self.clip.tokenize(p))
-            conds.append(cond[:, :77] if cond.shape[1] > 77 else cond)
-        return torch.cat(conds).float().to(self.device)
+        return torch.cat([self.encode_text(p)[0] for p in prompts]).float().to(self.device)
+
+    def sampling_conditioning(self, prompts: Sequence[str], resolution: int) -> tuple[Any, Any]:
+        """(negative, positive) conditioning for drawing ``prompts`` at ``resolution``; the empty prompt is the
+        negative, as an empty CLIPTextEncode gives KSampler."""
+        if self._uncond is None:
+            self._uncond = self.encode_prompts([""])
+        return self._uncond.expand(len(prompts), -1, -1), self.encode_prompts(prompts)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -180,10 +257,7 @@ class ComfyComponents(DiffusionComponents):
             raise ValueError("generate() needs one seed per prompt.")
         sched = DDIMScheduler.from_config(self.noise_scheduler.config, timestep_spacing="trailing")
         sched.set_timesteps(num_inference_steps)
-        cond = self.encode_prompts(prompts)
-        if self._uncond is None:
-            self._uncond = self.encode_prompts([""])
-        uncond = self._uncond.expand(len(prompts), -1, -1)
+        uncond, cond = self.sampling_conditioning(prompts, resolution)
         size = resolution // 8
         latents = torch.stack(
             [torch.randn(4, size, size, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
@@ -242,7 +316,7 @@ class ComfyComponents(DiffusionComponents):
         comfy.model_management.load_models_gpu([self.model_patcher])
         base = self.model_patcher.model
         dtype = base.manual_cast_dtype or base.get_dtype()
-        yield ComfyDenoiser(self.base_unet, compute_dtype=dtype, before_forward=self.check_interrupt)
+        yield self.make_denoiser(self.base_unet, compute_dtype=dtype)
 
     # -- export ----------------------------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -266,3 +340,55 @@ class ComfyComponents(DiffusionComponents):
             state, self.output_file, metadata={"format": "ldm-unet", "rpo": str(metadata)}
         )
         return {"unet": str(path)}
+
+
+class ComfySDXLComponents(SDXLSizeConditioning, ComfyComponents):
+    """The SD adapter with SDXL's conditioning: :class:`~rpo_diffusers.sdxl.SDXLConditioning` rows (CLIP-L + CLIP-G
+    states, CLIP-G's pooled output, size ids), turned into the UNet's ``y`` by the checkpoint's ``encode_adm``.
+
+    Prompts are told the training ``resolution`` (no crop), reference photos their own size and crop
+    (:meth:`condition_on_sizes`, as the diffusers SDXL adapter does), images drawn for validation the size they
+    are drawn at: what KSampler tells SDXL for a plain CLIPTextEncode at that latent size.
+    """
+
+    family = SDXL
+    default_resolution = NATIVE_RESOLUTION[SDXL]
+
+    def __init__(self, model: Any, clip: Any, vae: Any, output_file: str | os.PathLike,
+                 resolution: int | None = None, **kwargs: Any) -> None:  # fmt: skip
+        self.resolution = int(resolution or self.default_resolution)
+        check_supported_model(model, self.resolution)
+        super().__init__(model, clip, vae, output_file, **kwargs)
+        self.context_dim = model.model.model_config.unet_config["context_dim"]
+
+    def make_denoiser(self, unet: nn.Module, compute_dtype: torch.dtype | None = None) -> ComfySDXLDenoiser:
+        return ComfySDXLDenoiser(unet, self.model_patcher.model.encode_adm, compute_dtype=compute_dtype,
+                                 before_forward=self.check_interrupt)  # fmt: skip
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> SDXLConditioning:
+        conds, pooled = zip(*(self.encode_text(p) for p in prompts))
+        if pooled[0] is None or conds[0].shape[-1] != self.context_dim:
+            raise ValueError(
+                f"This CLIP gives {conds[0].shape[-1]}-wide conditioning{' and no pooled output' if pooled[0] is None else ''}; "
+                f"the SDXL MODEL needs {self.context_dim} (CLIP-L + CLIP-G): connect the CLIP of the same SDXL "
+                "checkpoint (Load Checkpoint's CLIP output)."
+            )
+        return SDXLConditioning(
+            torch.cat(conds).float().to(self.device),
+            torch.cat(pooled).float().to(self.device),
+            self._time_ids(len(prompts)),
+        )
+
+    def sampling_conditioning(self, prompts: Sequence[str], resolution: int) -> tuple[Any, Any]:
+        uncond, cond = super().sampling_conditioning(prompts, resolution)
+        ids = self._time_ids(len(prompts), resolution)
+        return dataclasses.replace(uncond, time_ids=ids), dataclasses.replace(cond, time_ids=ids)
+
+
+def comfy_components(model: Any, clip: Any, vae: Any, output_file: str | os.PathLike, resolution: int,
+                     **kwargs: Any) -> ComfyComponents:  # fmt: skip
+    """The family's adapter for a Load Checkpoint MODEL / CLIP / VAE (SD 1.x / 2.x or SDXL)."""
+    if check_supported_model(model, resolution) == SDXL:
+        return ComfySDXLComponents(model, clip, vae, output_file, resolution=resolution, **kwargs)
+    return ComfyComponents(model, clip, vae, output_file, **kwargs)

@@ -275,7 +275,8 @@ class RPOTrain(io.ComfyNode):
             node_id="RPOTrain",
             display_name="RPO Train (personalize)",
             category="RPO",
-            description="Personalize on 3-6 photos of a subject with RPO (default), DreamBooth or DPG; validation "
+            description="Personalize an SD 1.x / 2.x or SDXL checkpoint on 3-6 photos of a subject with RPO (default), "
+            "DreamBooth or DPG; validation "
             "with the scorer picks the best step. Saves a LoRA to models/loras "
             "(or a UNet to models/diffusion_models) and returns the personalized MODEL.",
             inputs=[
@@ -302,7 +303,9 @@ class RPOTrain(io.ComfyNode):
                 io.Int.Input("lora_rank", default=4, min=0, max=256, tooltip="0 trains the full UNet"),
                 io.Int.Input("images_per_prompt", default=4, min=1, max=64),
                 io.Int.Input("sampling_steps", default=30, min=1, max=200),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=8),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
+                             tooltip="training size: 512 for SD 1.x, 768 for SD 2.x-768, 1024 for SDXL (a multiple "
+                             "of 32 there)"),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
                 io.String.Input("output_name", default="rpo_subject"),
                 io.Combo.Input(
@@ -380,10 +383,10 @@ class RPOTrain(io.ComfyNode):
         from rpo_diffusers.config import RPOConfig
         from rpo_diffusers.trainer import RPOTrainer
 
-        from .adapter import ComfyComponents, check_supported_model
+        from .adapter import check_supported_model, comfy_components
 
         prompts = check_train_inputs(identifier, class_noun, training_prompts, output_name)
-        check_supported_model(model)
+        check_supported_model(model, resolution)
         refs = image_batches_to_pil(reference_images, reference_images_2, reference_images_3)
         use_lora = lora_rank > 0
         file_name = safe_output_name(output_name)
@@ -419,11 +422,12 @@ class RPOTrain(io.ComfyNode):
                 bar.update_absolute(payload["step"], payload["total"])
 
         with torch.inference_mode(False):
-            components = ComfyComponents(
+            components = comfy_components(
                 model,
                 clip,
                 vae,
                 output_file=target,
+                resolution=resolution,
                 on_sampling_step=on_sampling_step,
                 # Interrupt: checked before every UNet call; RPOTrainer then saves the best model so far.
                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,

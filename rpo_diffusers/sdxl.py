@@ -152,7 +152,28 @@ class SDXLDenoiser(Denoiser):
         )[0]
 
 
-class SDXLComponents(DiffusersComponents):
+class SDXLSizeConditioning:
+    """The size-id half of an SDXL adapter, shared by the diffusers one and ComfyUI's (``comfyui_nodes``).
+
+    Needs ``self.resolution`` (the training size) and ``self.device``; put it before the adapter base class.
+    """
+
+    resolution: int
+
+    def _time_ids(self, rows: int, resolution: int | None = None) -> torch.Tensor:
+        """Size ids of an image drawn at ``resolution`` (default: the training size): no crop, original = target."""
+        r = int(resolution or self.resolution)
+        return torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=self.device).expand(rows, 6)
+
+    def condition_on_sizes(
+        self, conditioning: SDXLConditioning, sizes: Sequence[tuple[int, int]], resolution: int
+    ) -> SDXLConditioning:
+        rows = super().condition_on_sizes(conditioning, sizes, resolution)
+        ids = torch.tensor([sdxl_time_ids(w, h, resolution) for w, h in sizes], dtype=torch.float32)
+        return dataclasses.replace(rows, time_ids=ids.to(rows.device))
+
+
+class SDXLComponents(SDXLSizeConditioning, DiffusersComponents):
     """Adapter over a diffusers ``StableDiffusionXLPipeline`` (SDXL base architecture, ε- or v-prediction).
 
     Args:
@@ -210,10 +231,6 @@ class SDXLComponents(DiffusersComponents):
         processor = self.pipeline.image_processor
         return processor.numpy_to_pil(processor.pt_to_numpy(pixels.float().cpu()))
 
-    def _time_ids(self, rows: int) -> torch.Tensor:
-        r = self.resolution
-        return torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=self.device).expand(rows, 6)
-
     def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
         """``[B, 2, L]`` ids of both tokenizers, padded as the pipeline pads them."""
         ids = [
@@ -236,10 +253,3 @@ class SDXLComponents(DiffusersComponents):
     def tokenize(self, prompts: Sequence[str]) -> SDXLConditioning:
         ids = self.token_ids(prompts)
         return SDXLConditioning(ids, torch.zeros(len(ids), 0, device=self.device), self._time_ids(len(ids)))
-
-    def condition_on_sizes(
-        self, conditioning: SDXLConditioning, sizes: Sequence[tuple[int, int]], resolution: int
-    ) -> SDXLConditioning:
-        rows = super().condition_on_sizes(conditioning, sizes, resolution)
-        ids = torch.tensor([sdxl_time_ids(w, h, resolution) for w, h in sizes], dtype=torch.float32)
-        return dataclasses.replace(rows, time_ids=ids.to(rows.device))

@@ -150,8 +150,52 @@ def test_train_rejects_a_non_sd_model_before_writing_anything():
         model = FakeBase()
 
     before = _written_files()
-    with pytest.raises(ValueError, match=r"Stable Diffusion 1.x / 2.x.*FluxLikeConfig.*Load Checkpoint"):
+    with pytest.raises(ValueError, match=r"Stable Diffusion 1.x / 2.x and SDXL.*FluxLikeConfig.*Load Checkpoint"):
         RPOTrain.execute(**_train_inputs(model=FakeModel(), clip=None, vae=None, scorer=None))
+    assert _written_files() == before
+
+
+def _comfy_model(config_name: str, prediction: str = "EPS", in_channels: int = 4):
+    """What check_supported_model reads of a Load Checkpoint MODEL: its ComfyUI model config's class name (the
+    names of comfy/supported_models.py), the UNet config and the prediction type; no weights."""
+    config = type(config_name, (), {"unet_config": {"channel_mult": [1, 2, 4], "in_channels": in_channels}})()
+    model_type = type("ModelType", (), {"name": prediction})()
+    base = type("BaseModel", (), {"model_config": config, "diffusion_model": None, "model_type": model_type})()
+    return type("ModelPatcher", (), {"model": base})()
+
+
+@pytest.mark.parametrize(
+    ("config_name", "family"),
+    [("SD15", "sd"), ("SD20", "sd"), ("SDXL", "sdxl"), ("SSD1B", "sdxl"), ("Segmind_Vega", "sdxl")],
+)
+def test_sd_and_sdxl_checkpoints_are_accepted_as_their_family(config_name, family):
+    from comfyui_nodes.adapter import check_supported_model
+
+    assert check_supported_model(_comfy_model(config_name), 1024) == family
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (_comfy_model("SDXLRefiner"), r"1.x / 2.x and SDXL \(base\).*'SDXLRefiner'"),
+        (_comfy_model("SD3"), r"1.x / 2.x and SDXL \(base\).*'SD3'"),
+        (_comfy_model("Flux"), r"1.x / 2.x and SDXL \(base\).*'Flux'"),
+        (_comfy_model("Stable_Cascade_C"), r"1.x / 2.x and SDXL \(base\).*'Stable_Cascade_C'"),
+        (_comfy_model("SDXL", prediction="EDM"), r"SDXL MODEL uses EDM.*Playground"),
+        (_comfy_model("SDXL", in_channels=9), r"SDXL MODEL's UNet takes 9 input channels \(an inpainting"),
+    ],
+)
+def test_other_families_are_refused_naming_what_is_supported(model, message):
+    from comfyui_nodes.adapter import check_supported_model
+
+    with pytest.raises(ValueError, match=message):
+        check_supported_model(model)
+
+
+def test_sdxl_resolution_its_size_ids_cannot_describe_is_refused_before_anything_is_written():
+    before = _written_files()
+    with pytest.raises(ValueError, match=r"resolution 1000 .*multiple of 32.*992 or 1024"):
+        RPOTrain.execute(**_train_inputs(model=_comfy_model("SDXL"), clip=None, vae=None, scorer=None, resolution=1000))
     assert _written_files() == before
 
 

@@ -106,22 +106,28 @@ class Server:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    from rpo_diffusers.testing.tiny_pipeline import build_sd15_shaped_pipeline
+def _base_directory(base: Path) -> Path:
+    """A ComfyUI --base-directory with this repository as a custom node, a tiny scorer and three references."""
     from rpo_diffusers.testing.tiny_scorers import build_tiny_scorer
 
-    base = tmp_path_factory.mktemp("comfy")
     for d in ("custom_nodes", "models/checkpoints", "models/loras", "models/diffusers", "input", "output"):
         (base / d).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "rpo-diffusers").symlink_to(REPO, target_is_directory=True)
-    build_sd15_shaped_pipeline(base / "models/diffusers/sd15")
     build_tiny_scorer(base / "models/rpo_scorers/align-base", "align", image_size=32)
     rng = np.random.default_rng(0)
     for i, (w, h) in enumerate([(64, 64), (48, 80), (80, 56)]):  # references of different sizes
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
             base / "input" / f"subject_{i:02d}.png"
         )
+    return base
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    from rpo_diffusers.testing.tiny_pipeline import build_sd15_shaped_pipeline
+
+    base = _base_directory(tmp_path_factory.mktemp("comfy"))
+    build_sd15_shaped_pipeline(base / "models/diffusers/sd15")
     server = Server(base)
     try:
         # ComfyUI's own nodes turn the diffusers folder into the single-file checkpoint artists have.
@@ -427,3 +433,242 @@ def test_text_encoder_lora_keys_all_load_in_lora_loader(comfy):
     server.run(workflow)
     new_log = server.log_path.read_text()[len(log_before) :]
     assert "lora key not loaded" not in new_log, new_log[-2000:]
+
+
+# --- SDXL ----------------------------------------------------------------------------------------------------
+SDXL_PARTS = """
+import sys
+models = sys.argv[1]
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_detection, torch
+from diffusers import AutoencoderKL
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from rpo_diffusers.testing.tiny_pipeline import SDXL_TEXT_CONFIGS
+
+# SDXL base's layout where ComfyUI reads it (320 channels, 2048-wide text, 2816-wide y, encoder depths
+# [0, 0, 2, 2, 10, 10]) at one width throughout and a shallow decoder and middle: 160M parameters, not 2.6B
+config = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=320,
+              num_res_blocks=[2, 2, 2], channel_mult=[1, 1, 1], transformer_depth=[0, 0, 2, 2, 10, 10],
+              transformer_depth_middle=1, transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1], context_dim=2048,
+              adm_in_channels=2816, num_classes="sequential", use_linear_in_transformer=True,
+              use_spatial_transformer=True, legacy=False, use_temporal_attention=False, use_temporal_resblock=False)
+model_config = comfy.model_detection.model_config_from_unet_config(config)
+assert type(model_config).__name__ == "SDXL", model_config
+torch.manual_seed(0)
+unet = model_config.get_model({}).diffusion_model  # ComfyUI skips weight init: initialise here
+with torch.no_grad():
+    for name, p in unet.named_parameters():
+        if p.ndim == 1:
+            p.fill_(1.0 if name.endswith(".weight") else 0.0)
+        else:
+            p.normal_(0.0, 0.02)
+state = {k: v.detach().half().contiguous() for k, v in unet.state_dict().items()}
+detected = comfy.model_detection.model_config_from_unet(state, "")
+assert type(detected).__name__ == "SDXL", detected  # what UNETLoader will see
+save_file(state, f"{models}/diffusion_models/sdxl_unet.safetensors")
+del unet, state
+
+# CLIP-L and CLIP-G of the real shapes (ComfyUI builds SDXL's text encoders at fixed sizes), random in fp16 straight
+# from meta-device shapes: CLIP-G's 695M parameters never exist in fp32
+for name, cls, text_config in zip(("clip_l", "clip_g"), (CLIPTextModel, CLIPTextModelWithProjection), SDXL_TEXT_CONFIGS):
+    with torch.device("meta"):
+        shapes = cls(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **text_config)).state_dict()
+    state = {}
+    for key, t in shapes.items():
+        if not t.is_floating_point():
+            continue
+        if not key.startswith(("text_model.", "text_projection.")):  # transformers 5's CLIPTextModel drops it
+            key = "text_model." + key
+        if t.ndim == 1:
+            state[key] = (torch.ones if key.endswith(".weight") else torch.zeros)(t.shape, dtype=torch.float16)
+        else:
+            state[key] = (torch.randn(t.shape) * 0.02).half()
+    save_file(state, f"{models}/text_encoders/{name}.safetensors")
+    del state
+vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+save_file({k: v.half().contiguous() for k, v in vae.state_dict().items()}, f"{models}/vae/sdxl_vae.safetensors")
+"""
+
+
+@pytest.fixture(scope="module")
+def sdxl_base(tmp_path_factory) -> Path:
+    """A base directory with an SDXL checkpoint that ComfyUI's own nodes assembled: UNETLoader (an SDXL-layout
+    UNet that ComfyUI's classes built), DualCLIPLoader type sdxl (CLIP-L + CLIP-G of the real sizes), VAELoader
+    (SD's VAE shape, as SDXL's), then CheckpointSave; Load Checkpoint then detects it as SDXL from its tensors.
+    The server that assembled it is closed again, so its copies of the parts never share memory with a test's."""
+    base = _base_directory(tmp_path_factory.mktemp("comfy_sdxl"))
+    parts = ("diffusion_models", "text_encoders", "vae")
+    for d in parts:
+        (base / "models" / d).mkdir(parents=True, exist_ok=True)
+    python = os.environ.get("COMFYUI_PYTHON", "python")  # built in its own process: this one stays small
+    done = subprocess.run([python, "-c", SDXL_PARTS, str(base / "models")], cwd=COMFYUI_PATH, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": f"{COMFYUI_PATH}:{REPO}"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    server = Server(base)
+    try:
+        server.run({
+            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "sdxl_unet.safetensors", "weight_dtype": "default"}},
+            "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                             "clip_name2": "clip_g.safetensors", "type": "sdxl"}},
+            "3": {"class_type": "VAELoader", "inputs": {"vae_name": "sdxl_vae.safetensors"}},
+            "4": {"class_type": "CheckpointSave", "inputs": {"model": ["1", 0], "clip": ["2", 0], "vae": ["3", 0],
+                                                             "filename_prefix": "checkpoints/sdxl"}},
+        })  # fmt: skip
+    finally:
+        server.close()
+    saved = next((base / "output" / "checkpoints").glob("sdxl*.safetensors"))
+    shutil.move(saved, base / "models/checkpoints/sdxl.safetensors")
+    for d in parts:
+        shutil.rmtree(base / "models" / d)
+    return base
+
+
+@pytest.fixture
+def sdxl(sdxl_base):
+    """A fresh server on the SDXL checkpoint for each test: what one test loaded (CLIP-G alone is 1.4 GB, a full
+    UNet run's optimiser state more) is gone before the next starts, which keeps a test under 6 GB of RAM."""
+    server = Server(sdxl_base)
+    try:
+        yield server, sdxl_base
+    finally:
+        server.close()
+
+
+SDXL_CONDITIONING = """
+import sys
+ckpt = sys.argv[1]
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.sd, torch
+from comfy_extras.nodes_clip_sdxl import CLIPTextEncodeSDXL
+from nodes import CLIPTextEncode
+from comfyui_nodes.adapter import ComfySDXLComponents
+from rpo_diffusers.sdxl import sdxl_time_ids
+
+model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
+prompt, (w, h), res = "a sks dog on the Moon", (112, 80), 64  # a landscape photo: cropped left and right
+with torch.inference_mode(False):
+    comp = ComfySDXLComponents(model, clip, vae, "unused.safetensors", resolution=res)
+    ours = comp.condition_on_sizes(comp.encode_prompts([prompt]), [(w, h)], res)
+    top, left = sdxl_time_ids(w, h, res)[2:4]
+    assert top == 0 and left > 0, (top, left)
+    cond = CLIPTextEncodeSDXL.execute(clip, width=w, height=h, crop_w=left, crop_h=top, target_width=res,
+                                      target_height=res, text_g=prompt, text_l=prompt).result[0]
+    cross, extra = cond[0]
+    noise = torch.zeros(1, 4, res // 8, res // 8)
+    theirs = model.model.extra_conds(**extra, cross_attn=cross, noise=noise, device="cpu")  # what KSampler builds
+    y, context = theirs["y"].cond, theirs["c_crossattn"].cond
+    x, t = torch.randn(1, 4, res // 8, res // 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    with torch.no_grad():
+        mine = comp.denoiser(x, t, ours)
+        ref = comp.train_unet(x, timesteps=t, context=context.float(), y=y.float())
+        swapped = comp.train_unet(x, timesteps=t, context=context.float(),
+                                  y=model.model.encode_adm(**{**extra, "crop_w": top, "crop_h": left}).float())
+    print("context", (ours.prompt_embeds - context).abs().max().item(), "y", (comp.denoiser.conditioning_kwargs(ours)["y"] - y).abs().max().item())
+    assert torch.allclose(ours.prompt_embeds, context.float(), atol=1e-5) and torch.allclose(comp.denoiser.conditioning_kwargs(ours)["y"], y.float(), atol=1e-5)
+    assert torch.allclose(mine, ref, atol=1e-5), (mine - ref).abs().max()
+    assert not torch.allclose(mine, swapped, atol=1e-5)  # the check sees a crop given the wrong way round
+    # images drawn for validation: what KSampler gives SDXL for a plain CLIPTextEncode at that latent size
+    plain = CLIPTextEncode().encode(clip, prompt)[0][0]
+    size = 96
+    kwargs = model.model.extra_conds(**plain[1], cross_attn=plain[0], width=size, height=size, device="cpu",
+                                     noise=torch.zeros(1, 4, size // 8, size // 8))
+    uncond, cond = comp.sampling_conditioning([prompt], size)
+    assert torch.allclose(comp.denoiser.conditioning_kwargs(cond)["y"], kwargs["y"].cond.float(), atol=1e-5)
+print("ok")
+"""
+
+
+def test_sdxl_conditioning_is_what_comfyui_own_sdxl_encoding_gives_ksampler(sdxl_base):
+    """The node's SDXL conditioning of a prompt for a cropped photo equals CLIPTextEncodeSDXL's (same sizes and
+    crop) after the checkpoint's extra_conds, the path KSampler takes: text states, y (pooled output + size
+    embedding) and the UNet's output; for validation images, a plain CLIPTextEncode at that latent size. First of
+    the SDXL tests, before their server starts: it loads the checkpoint in its own process."""
+    base = sdxl_base
+    python = os.environ.get("COMFYUI_PYTHON", "python")
+    done = subprocess.run([python, "-c", SDXL_CONDITIONING, str(base / "models/checkpoints/sdxl.safetensors")],
+                          cwd=COMFYUI_PATH, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": f"{COMFYUI_PATH}:{REPO}"})  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
+
+
+def _sdxl_workflow(name: str, **train: object) -> dict:
+    """An example workflow on the SDXL checkpoint, CPU-sized (64 px: a multiple of SDXL's 32-pixel step)."""
+    workflow = _tiny(json.loads((WORKFLOWS / f"{name}_api.json").read_text()))
+    for node in workflow.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = "sdxl.safetensors"
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"]["batch_size"] = 1
+        if node["class_type"] == "RPOTrain":
+            node["inputs"].update(train)
+    return workflow
+
+
+def _saved_image(base: Path, entry: dict, node: str) -> np.ndarray:
+    image = entry["outputs"][node]["images"][0]
+    return np.asarray(Image.open(base / "output" / image["subfolder"] / image["filename"]), dtype=np.int16)
+
+
+def test_sdxl_lora_trains_loads_in_lora_loader_and_changes_ksampler_output(sdxl):
+    """The SDXL checkpoint from Load Checkpoint trains (LoRA); KSampler runs on the returned MODEL; LoraLoader
+    applies every key of the saved file, and gives KSampler the same image as the node's MODEL and another one
+    than the base model's."""
+    from safetensors.torch import load_file
+
+    server, base = sdxl
+    log_before = server.log_path.read_text()
+    entry = server.run(_sdxl_workflow("rpo_train_then_sample", output_name="rpo_sdxl", learning_rate=1e-2))
+    trained = _saved_image(base, entry, "14")
+    history = json.loads((base / "output/rpo/rpo_sdxl/rpo_history.json").read_text())
+    assert history["best_step"] > 0, "the base model was selected: this check needs a trained step (change seed)"
+    lora = load_file(str(base / "models/loras/rpo_sdxl.safetensors"))
+    ups = [v for k, v in lora.items() if k.endswith(".lora_up.weight")]
+    # every attention of SDXL's layout: 2 x 2 + 2 x 10 encoder blocks, 1 middle, 6 decoder, self + cross each
+    assert len(ups) == (24 + 1 + 6) * 2 * 4 and any(v.abs().max() > 0 for v in ups)
+    assert "lora_unet_down_blocks_2_attentions_1_transformer_blocks_9_attn2_to_k.alpha" in lora
+    sample = {k: v for k, v in _sdxl_workflow("rpo_generate_score_select").items() if int(k) <= 7}
+    sample["7"]["inputs"]["samples"] = ["6", 0]
+    sample["14"] = {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "sdxl_lora"}}
+    sample["2"]["inputs"]["lora_name"] = "rpo_sdxl.safetensors"
+    sample["20"] = {**sample["6"], "inputs": {**sample["6"]["inputs"], "model": ["1", 0]}}  # the base model
+    sample["21"] = {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["1", 2]}}
+    sample["22"] = {"class_type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": "sdxl_base"}}
+    for node in ("3", "4"):  # the prompts of the training workflow's KSampler
+        sample[node]["inputs"]["text"] = _sdxl_workflow("rpo_train_then_sample")[str(int(node) + 6)]["inputs"]["text"]
+    entry = server.run(sample)
+    new_log = server.log_path.read_text()[len(log_before) :]
+    assert "lora key not loaded" not in new_log, new_log[-2000:]
+    reloaded, base_image = _saved_image(base, entry, "14"), _saved_image(base, entry, "22")
+    assert np.abs(reloaded - trained).max() <= 1, "LoraLoader's MODEL samples differently from RPOTrain's MODEL"
+    assert np.abs(reloaded - base_image).max() > 1, "the trained LoRA does not change KSampler's output"
+
+
+def test_sdxl_full_unet_training_saves_a_unet_that_unet_loader_reads_as_sdxl(sdxl):
+    """LoRA rank 0 on SDXL: the whole UNet is trained, saved for UNETLoader, which detects SDXL (KSampler feeds
+    it the 2816-wide y of SDXL's conditioning; any other detected family fails on it)."""
+    server, base = sdxl
+    workflow = _sdxl_workflow("rpo_train_then_sample", lora_rank=0, output_name="rpo_sdxl_full", learning_rate=1e-5)
+    server.run(workflow)
+    assert (base / "models/diffusion_models/rpo_sdxl_full.safetensors").exists()
+    sample = {k: v for k, v in workflow.items() if k in ("1", "9", "10", "11", "12", "13", "14")}
+    sample["20"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "rpo_sdxl_full.safetensors", "weight_dtype": "default"}}
+    sample["12"]["inputs"]["model"] = ["20", 0]
+    sample["14"]["inputs"]["filename_prefix"] = "rpo_sdxl_full_reloaded"
+    entry = server.run(sample)
+    assert entry["outputs"]["14"]["images"]
+
+
+def test_sdxl_dpg_with_the_lambda_harmonic_reward_trains_in_the_node(sdxl):
+    """method=dpg on SDXL: the critic learns the scorer's reward on images ComfyUI's SDXL VAE decodes; the LoRA loads."""
+    server, base = sdxl
+    entry = server.run(_sdxl_workflow("rpo_train_then_sample", method="dpg", dpg_reward="lambda_harmonic",
+                                      output_name="dpg_sdxl"))  # fmt: skip
+    history = json.loads((base / "output/rpo/dpg_sdxl/rpo_history.json").read_text())
+    assert history["method"] == "dpg" and (base / "models/loras/dpg_sdxl.safetensors").exists()
+    assert entry["outputs"]["14"]["images"], "KSampler produced no image from the DPG-trained SDXL MODEL"
