@@ -172,13 +172,18 @@ class ComfyComponents(DiffusionComponents):
 
     # -- sampling ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts, seeds, num_inference_steps, guidance_scale, resolution) -> list[Image.Image]:
-        """DDIM with classifier-free guidance on the *trained copy* (what RPO is validating)."""
-        from diffusers import DDIMScheduler
+    def generate(
+        self, prompts, seeds, num_inference_steps, guidance_scale, resolution, scheduler: str | None = None
+    ) -> list[Image.Image]:
+        """DDIM (or the diffusers ``scheduler`` named) with classifier-free guidance on the *trained copy*
+        (what RPO is validating)."""
+        from rpo_diffusers.components import scheduler_class
 
         if len(prompts) != len(seeds):
             raise ValueError("generate() needs one seed per prompt.")
-        sched = DDIMScheduler.from_config(self.noise_scheduler.config, timestep_spacing="trailing")
+        sched = scheduler_class(scheduler or "DDIMScheduler").from_config(
+            self.noise_scheduler.config, timestep_spacing="trailing"
+        )
         sched.set_timesteps(num_inference_steps)
         cond = self.encode_prompts(prompts)
         if self._uncond is None:

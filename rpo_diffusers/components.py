@@ -85,8 +85,10 @@ class DiffusionComponents(ABC):
         num_inference_steps: int,
         guidance_scale: float,
         resolution: int,
+        scheduler: str | None = None,
     ) -> list[Image.Image]:
-        """One image per (prompt, seed) with the *current* weights."""
+        """One image per (prompt, seed) with the *current* weights; ``scheduler`` names a diffusers scheduler
+        class for this call only (validation may sample with a faster one than the training images)."""
 
     @abstractmethod
     def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str]) -> None:
@@ -169,9 +171,8 @@ def add_text_encoder_lora(text_encoder: nn.Module, rank: int, alpha: float, targ
             p.data = p.data.float()
 
 
-def _sampling_scheduler(pipeline, name: str | None):
-    if not name:
-        return pipeline.scheduler
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class called ``name`` (a config names it; an unknown name fails here)."""
     import diffusers
 
     cls = getattr(diffusers, name, None)
@@ -179,7 +180,13 @@ def _sampling_scheduler(pipeline, name: str | None):
         raise ValueError(
             f"Unknown diffusers scheduler {name!r} (e.g. 'DPMSolverMultistepScheduler', 'DDIMScheduler')."
         )
-    return cls.from_config(pipeline.scheduler.config)
+    return cls
+
+
+def _sampling_scheduler(pipeline, name: str | None):
+    if not name:
+        return pipeline.scheduler
+    return scheduler_class(name).from_config(pipeline.scheduler.config)
 
 
 class DiffusersComponents(DiffusionComponents):
@@ -195,6 +202,7 @@ class DiffusersComponents(DiffusionComponents):
         self.pipeline = pipeline
         self.pipeline.set_progress_bar_config(disable=True)
         self.pipeline.scheduler = _sampling_scheduler(pipeline, sampling_scheduler)
+        self._schedulers = {type(self.pipeline.scheduler).__name__: self.pipeline.scheduler}
         self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         self.weight_dtype = weight_dtype
         unet = pipeline.unet
@@ -259,11 +267,23 @@ class DiffusersComponents(DiffusionComponents):
         scaled = latents.to(self.device, vae.dtype) / vae.config.scaling_factor + shift
         return (vae.decode(scaled, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
+    def _scheduler(self, name: str | None):
+        """The pipeline's sampling scheduler, or the one called ``name`` (built once, from the same config)."""
+        if name is None:
+            return self.pipeline.scheduler
+        if name not in self._schedulers:
+            self._schedulers[name] = scheduler_class(name).from_config(self.pipeline.scheduler.config)
+        return self._schedulers[name]
+
     @torch.no_grad()
-    def generate(self, prompts, seeds, num_inference_steps, guidance_scale, resolution) -> list[Image.Image]:
+    def generate(
+        self, prompts, seeds, num_inference_steps, guidance_scale, resolution, scheduler: str | None = None
+    ) -> list[Image.Image]:
         if len(prompts) != len(seeds):
             raise ValueError("generate() needs one seed per prompt.")
         was_training = self.unet.training
+        default_scheduler = self.pipeline.scheduler
+        self.pipeline.scheduler = self._scheduler(scheduler)
         self.unet.eval()
         try:
             generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -293,6 +313,7 @@ class DiffusersComponents(DiffusionComponents):
             )
         finally:
             self.unet.train(was_training)
+            self.pipeline.scheduler = default_scheduler
         return list(out.images)
 
     def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str]) -> None:

@@ -53,7 +53,8 @@ CLASS_MANIFEST = "class_images.json"
 # settings a resumed run may change (how long, how often it saves, where it logs)
 RESUME_FREE_SETTINGS = {
     "resume_from_checkpoint", "resume_any_config", "output_dir", "max_train_steps", "checkpointing_steps",
-    "checkpoints_total_limit", "report_to", "logging_dir", "generation_batch_size", "patience",
+    "checkpoints_total_limit", "report_to", "logging_dir", "generation_batch_size", "validation_batch_size",
+    "patience",
 }  # fmt: skip
 # what earlier versions wrote into output_dir as real entries (adopted as the current result on the first export)
 RESULT_NAMES = (
@@ -316,28 +317,39 @@ class PersonalizationTrainer:
         return images, [int(e["prompt_index"]) for e in manifest["images"]]
 
     def _generate_in_batches(
-        self, prompts: list[str], seeds: list[int], desc: str | None = None, event: str | None = None
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        desc: str | None = None,
+        event: str | None = None,
+        validation: bool = False,
     ):
         """Sample ``generation_batch_size`` images at a time with the current weights, with a progress bar
-        (``desc``) and a callback ``event`` when given.
+        (``desc``) and a callback ``event`` when given; ``validation`` samples with the validation settings.
 
         Yields each batch as soon as it is drawn, so a caller can save it before the next one starts.
         """
         from tqdm.auto import tqdm
 
         cfg = self.config
+        steps, scheduler, size = cfg.num_inference_steps, None, cfg.generation_batch_size
+        if validation:
+            steps = cfg.validation_num_inference_steps or steps
+            scheduler = cfg.validation_sampling_scheduler
+            size = cfg.validation_batch_size or size
         bar = tqdm(total=len(prompts), desc=desc, disable=not self.is_main or desc is None, **_bar_pacing())
         try:
             done = 0
-            for start in range(0, len(prompts), cfg.generation_batch_size):
-                end = start + cfg.generation_batch_size
+            for start in range(0, len(prompts), size):
+                end = start + size
                 with self.accelerator.autocast():  # fp16/bf16 runs: frozen parts are half, the UNet may not be
                     batch = self.components.generate(
                         prompts[start:end],
                         seeds[start:end],
-                        cfg.num_inference_steps,
+                        steps,
                         cfg.guidance_scale,
                         cfg.resolution,
+                        **({"scheduler": scheduler} if scheduler else {}),  # components written before it
                     )
                 done += len(batch)
                 bar.update(len(batch))
@@ -538,7 +550,7 @@ class PersonalizationTrainer:
             t0 = time.perf_counter()
             prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
             seeds = [cfg.seed + 7919 * (1 + i) for i in range(len(prompts))]
-            images = [im for batch in self._generate_in_batches(prompts, seeds) for im in batch]
+            images = [im for batch in self._generate_in_batches(prompts, seeds, validation=True) for im in batch]
             scores = self.scorer.score(images, prompts, lambda_=cfg.lambda_val)
             per_prompt = {
                 p: float(
