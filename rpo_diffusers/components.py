@@ -101,6 +101,18 @@ class DiffusionComponents(ABC):
 
     supports_text_encoder_training: bool = False
 
+    @property
+    def can_mask_adapter_rows(self) -> bool:
+        """Whether :meth:`adapters_on_rows` works (LoRA adapters that can be switched off per row)."""
+        return False
+
+    @contextmanager
+    def adapters_on_rows(self, mask: torch.Tensor) -> Iterator[None]:
+        """Within it, the LoRA adapters act on the batch rows where ``mask`` is 1 and the other rows see the
+        base model: the trained and the reference model in one forward."""
+        raise NotImplementedError(f"{type(self).__name__} cannot mask its adapters per row.")
+        yield
+
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids of the prompts, the conditioning the denoiser embeds itself when the text encoder trains."""
         raise NotImplementedError(f"{type(self).__name__} cannot train the text encoder.")
@@ -216,6 +228,7 @@ class DiffusersComponents(DiffusionComponents):
         self.denoiser = Denoiser(unet)
         self._frozen_copy: Denoiser | None = None
         self.is_lora = False
+        self._row_mask: torch.Tensor | None = None  # adapters_on_rows' mask while it is active
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> DiffusersComponents:
@@ -332,6 +345,36 @@ class DiffusersComponents(DiffusionComponents):
                 p.data = p.data.float()
         self.is_lora = True
         self.lora_rank, self.lora_alpha, self.lora_targets = rank, alpha, list(target_modules)
+        for module in unet.modules():  # every adapter's up-projection, for adapters_on_rows
+            lora_b = getattr(module, "lora_B", None)
+            if isinstance(lora_b, nn.ModuleDict):
+                for up in lora_b.values():
+                    up.register_forward_hook(self._mask_adapter_output)
+
+    def _mask_adapter_output(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+        mask = self._row_mask
+        if mask is None:
+            return None
+        if output.shape[0] != mask.shape[0]:
+            raise RuntimeError(
+                f"adapters_on_rows: a LoRA layer's output has {output.shape[0]} rows, the mask {mask.shape[0]}; "
+                "this model reshapes the batch before an adapter: set batch_reference_forward=False."
+            )
+        return output * mask.view(-1, *([1] * (output.dim() - 1))).to(output.dtype)
+
+    @property
+    def can_mask_adapter_rows(self) -> bool:
+        return self.is_lora
+
+    @contextmanager
+    def adapters_on_rows(self, mask: torch.Tensor) -> Iterator[None]:
+        if not self.is_lora:
+            raise RuntimeError("adapters_on_rows needs LoRA adapters (add_lora).")
+        self._row_mask = mask.to(self.device)
+        try:
+            yield
+        finally:
+            self._row_mask = None
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         tok = self.pipeline.tokenizer

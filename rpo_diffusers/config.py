@@ -179,6 +179,15 @@ class RPOConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute UNet activations to save memory."}
     )
+    batch_reference_forward: bool = field(
+        default=True,
+        metadata={
+            "help": "RPO with LoRA: the frozen reference's forward joins the trained one's (the adapters act on "
+            "the trained rows only), one UNet call per step instead of two: faster where a step is launch- or "
+            "overhead-bound, the same math, activations of twice the rows. Off (or with gradient_checkpointing, "
+            "or the full UNet, whose reference is a copy): two calls."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of generation, labels, noise and validation."})
     # --- LoRA ---------------------------------------------------------------------------------------
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the full UNet."})

@@ -36,6 +36,7 @@ import os
 import platform
 import resource
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -212,6 +213,8 @@ def child_command(args: argparse.Namespace, variant: str, run_dir: Path) -> list
 
 def run_child(args: argparse.Namespace, variant: str, run_dir: Path) -> dict[str, Any]:
     """One run in a fresh process; its log goes to ``run_dir``.log. A failed run is a row with its error."""
+    if run_dir.exists():  # a rerun in the same --workdir: a fresh run, not one that reuses its images
+        shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if args.num_threads:
