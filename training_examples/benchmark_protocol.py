@@ -12,6 +12,7 @@ Runs, each in a process of its own and all repeated ``--repeats`` times in turn 
 of the machine's speed hits every run alike); the project's runs are the paper's protocol with LoRA:
   rpo         RPOConfig's defaults: 8 prompts x 4 base-model images, 400 steps, a validation every 40 steps of
               8 prompts x 4 images at 50 sampling steps with CFG 7.5, the best step exported
+  rpo_before  rpo on --baseline_checkout's rpo_diffusers (another checkout: the numbers before a change)
   rpo_fast    the same with the fast validation (FAST_VALIDATION: 20 DPM-Solver++ steps, every validation image
               in one batch); the README's selection-agreement numbers say what it picks
   peer_prior  --peer_script, 1000 steps with prior preservation on 200 class images (its README's recipe)
@@ -195,7 +196,7 @@ def peer_arguments(args: argparse.Namespace, run_dir: Path, prior: bool) -> list
 
 
 def variants(args: argparse.Namespace) -> list[str]:
-    names = ["rpo", "rpo_fast"]
+    names = ["rpo", "rpo_fast", *(["rpo_before"] if args.baseline_checkout else [])]
     if args.peer_script:
         names += ["peer_prior", "peer"]
     return [n for n in names if not args.only or n in args.only]
@@ -204,7 +205,7 @@ def variants(args: argparse.Namespace) -> list[str]:
 def child_command(args: argparse.Namespace, variant: str, run_dir: Path) -> list[str]:
     cmd = [sys.executable, __file__, "--_child", variant, "--_run_dir", str(run_dir)]
     if variant.startswith("rpo"):
-        payload = project_settings(args, run_dir, fast=variant == "rpo_fast")
+        payload = project_settings(args, run_dir, fast=variant == "rpo_fast")  # rpo_before: rpo's
     else:
         payload = {"script": args.peer_script, "args": peer_arguments(args, run_dir, prior=variant == "peer_prior"),
                    "extra_path": args.peer_pythonpath}  # fmt: skip
@@ -219,6 +220,8 @@ def run_child(args: argparse.Namespace, variant: str, run_dir: Path) -> dict[str
     env = dict(os.environ)
     if args.num_threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.num_threads)
+    if variant == "rpo_before":  # the same run on another checkout's rpo_diffusers
+        env["PYTHONPATH"] = os.pathsep.join([args.baseline_checkout, env.get("PYTHONPATH", "")])
     log = run_dir.with_suffix(".log")
     t0 = time.perf_counter()
     with log.open("w") as fh:
@@ -273,9 +276,10 @@ def format_ratios(runs: list[list[dict[str, Any]]], names: list[str]) -> str:
         for b in (n for n in names if n.startswith("peer")):
             cells = [paired_ratio(runs, a, b, k) for k in ("wall_s", "s_per_step", "peak_mib")]
             lines.append(f"| {a} / {b} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
-    if "rpo" in names and "rpo_fast" in names:
-        lines.append("| rpo_fast / rpo | " + " | ".join(
-            f"{paired_ratio(runs, 'rpo_fast', 'rpo', k):.2f}" for k in ("wall_s", "s_per_step", "peak_mib")) + " |")  # fmt: skip
+    for a, b in (("rpo_fast", "rpo"), ("rpo", "rpo_before"), ("rpo_fast", "rpo_before")):
+        if a in names and b in names:
+            cells = [paired_ratio(runs, a, b, k) for k in ("wall_s", "s_per_step", "peak_mib")]
+            lines.append(f"| {a} / {b} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -315,6 +319,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--peer_pythonpath", default=None,
         help="a folder for the peer's own imports only (added after transformers/diffusers load), e.g. a "
         "stand-in for torchvision where no wheel installs",
+    )  # fmt: skip
+    p.add_argument(
+        "--baseline_checkout", default=None,
+        help="another rpo-diffusers checkout (e.g. the last release): its rpo run, as rpo_before, for before/after",
     )  # fmt: skip
     p.add_argument("--model", default=None, help="Stable Diffusion pipeline; default: the toy world's")
     p.add_argument("--scorer", default=None, help="λ-harmonic dual encoder; default: the toy world's")
