@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,7 @@ class ComfyComponents(DiffusionComponents):
     ) -> list[Image.Image]:
         """DDIM (or the diffusers ``scheduler`` named) with classifier-free guidance on the *trained copy*
         (what RPO is validating)."""
-        from rpo_diffusers.components import scheduler_class
+        from rpo_diffusers.components import merged_lora, scheduler_class
 
         if len(prompts) != len(seeds):
             raise ValueError("generate() needs one seed per prompt.")
@@ -196,13 +196,14 @@ class ComfyComponents(DiffusionComponents):
         was_training = self.train_unet.training
         self.train_unet.eval()
         try:
-            for i, t in enumerate(sched.timesteps):
-                tt = torch.full((2 * len(prompts),), int(t), device=self.device)
-                out = self.denoiser(torch.cat([latents, latents]), tt, torch.cat([uncond, cond]))
-                u, c = out.chunk(2)
-                latents = sched.step(u + guidance_scale * (c - u), t, latents).prev_sample
-                if self.on_sampling_step is not None:
-                    self.on_sampling_step(i + 1, len(sched.timesteps))
+            with merged_lora(self.train_unet) if self.is_lora else nullcontext():
+                for i, t in enumerate(sched.timesteps):
+                    tt = torch.full((2 * len(prompts),), int(t), device=self.device)
+                    out = self.denoiser(torch.cat([latents, latents]), tt, torch.cat([uncond, cond]))
+                    u, c = out.chunk(2)
+                    latents = sched.step(u + guidance_scale * (c - u), t, latents).prev_sample
+                    if self.on_sampling_step is not None:
+                        self.on_sampling_step(i + 1, len(sched.timesteps))
         finally:
             self.train_unet.train(was_training)
         return self.decode_latents(latents)

@@ -12,7 +12,7 @@ import copy
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,33 @@ def add_text_encoder_lora(text_encoder: nn.Module, rank: int, alpha: float, targ
             p.data = p.data.float()
 
 
+@contextmanager
+def merged_lora(*modules: nn.Module | None) -> Iterator[None]:
+    """The LoRA adapters of ``modules`` merged into their base weights for a block of sampling.
+
+    One matmul per adapted layer instead of three, and no adapter code per layer: on the toy model sampling
+    with adapters attached took about 1.8x as long. The base weights are copied back bit for bit afterwards
+    (a merge and an unmerge round off), since with LoRA they are the frozen reference model.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for mod in modules if mod is not None for m in mod.modules()
+              if isinstance(m, BaseTunerLayer) and not m.merged and not m.disable_adapters]  # fmt: skip
+    saved = [(m.get_base_layer(), {k: v.detach().clone() for k, v in m.get_base_layer().named_parameters(recurse=False)})
+             for m in layers]  # fmt: skip
+    for m in layers:
+        m.merge()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.unmerge()  # peft's bookkeeping; the exact weights come next
+        with torch.no_grad():
+            for base, params in saved:
+                for name, value in params.items():
+                    getattr(base, name).copy_(value)
+
+
 def scheduler_class(name: str) -> type:
     """The diffusers scheduler class called ``name`` (a config names it; an unknown name fails here)."""
     import diffusers
@@ -314,16 +341,17 @@ class DiffusersComponents(DiffusionComponents):
                     for g in generators
                 ]
             ).to(self.device, self.unet.dtype)
-            out = self.pipeline(
-                list(prompts),
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                height=resolution,
-                width=resolution,
-                latents=latents,
-                generator=generators,
-                output_type="pil",
-            )
+            with merged_lora(self.unet, self.denoiser.text_encoder) if self.is_lora else nullcontext():
+                out = self.pipeline(
+                    list(prompts),
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    latents=latents,
+                    generator=generators,
+                    output_type="pil",
+                )
         finally:
             self.unet.train(was_training)
             self.pipeline.scheduler = default_scheduler

@@ -3,6 +3,7 @@ validation's own sampler, steps and batch size."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -101,3 +102,29 @@ def test_validation_samples_with_its_own_steps_scheduler_and_batch(
     assert generation and all(c == (1, 3, default) for c in generation)
     assert len(validation) == 3 and all(c == (8, 2, "DDIMScheduler") for c in validation)  # steps 0, 2, 4
     assert type(pipe.scheduler).__name__ == default  # restored after each validation
+
+
+def test_sampling_with_merged_lora_keeps_the_base_weights_exactly(
+    tiny_sd_dir, tmp_path, clip_scorer, references
+):
+    # LoRA is merged into the base weights while sampling; those weights are the frozen reference model
+    trainer = lora_trainer(tiny_sd_dir, tmp_path, clip_scorer, references)
+    comp = trainer.components
+    comp.add_lora(4, 4.0, trainer.config.lora_target_modules)
+    randomize_adapters(comp.unet)
+    before = {k: v.detach().clone() for k, v in comp.unet.named_parameters()}
+    prompts, seeds = ["a sks dog", "a dog on the Moon"], [1, 2]
+    merged = comp.generate(prompts, seeds, 3, 2.0, 32)
+    after = dict(comp.unet.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit, adapters included
+    comp.is_lora = False  # the adapters stay attached and active, sampled without merging
+    unmerged = comp.generate(prompts, seeds, 3, 2.0, 32)
+    comp.is_lora = True
+    base = comp.pipeline.unet
+    base.disable_adapters()
+    without = comp.generate(prompts, seeds, 3, 2.0, 32)
+    base.enable_adapters()
+    pixels = [torch.tensor(np.asarray(im), dtype=torch.int16) for im in (*merged, *unmerged, *without)]
+    for m, u in zip(pixels[:2], pixels[2:4]):
+        assert (m - u).abs().max() <= 1  # the same images, up to rounding
+    assert any((m - w).abs().max() > 8 for m, w in zip(pixels[:2], pixels[4:]))  # the adapters were in them
