@@ -14,7 +14,8 @@ of the machine's speed hits every run alike); the project's runs are the paper's
               8 prompts x 4 images at 50 sampling steps with CFG 7.5, the best step exported
   rpo_before  rpo on --baseline_checkout's rpo_diffusers (another checkout: the numbers before a change)
   rpo_fast    the same with the fast validation (FAST_VALIDATION: 20 DPM-Solver++ steps, every validation image
-              in one batch); the README's selection-agreement numbers say what it picks
+              in one batch) and the training images drawn 32 at a time; benchmark_selection.py measures what
+              that validation picks
   peer_prior  --peer_script, 1000 steps with prior preservation on 200 class images (its README's recipe)
   peer        --peer_script, 400 steps without prior preservation
 The peer gets the same model, photos, resolution, seed, precision and LoRA learning rate; its class images are
@@ -171,8 +172,8 @@ def project_settings(args: argparse.Namespace, run_dir: Path, fast: bool) -> dic
     if args.quick:
         settings.update(max_train_steps=4, validation_steps=2, images_per_prompt=1, num_validation_images=1,
                         num_inference_steps=2, train_prompts=(args.train_prompts or [])[:2] or None)  # fmt: skip
-    if fast:
-        settings.update(FAST_VALIDATION)
+    if fast:  # the fast validation, and the training images drawn 32 at a time (the same images)
+        settings.update(FAST_VALIDATION, generation_batch_size=32)
         if args.quick:
             settings["validation_num_inference_steps"] = 1
     return {k: v for k, v in settings.items() if v is not None}
