@@ -21,7 +21,8 @@ of the machine's speed hits every run alike); the project's runs are the paper's
 The peer gets the same model, photos, resolution, seed, precision and LoRA learning rate; its class images are
 drawn afresh in every run (the project's runs draw their training images afresh too).
 
-Printed: wall (the process from start to exit: imports, loading, everything), the phases (project: set-up,
+Printed: wall (the process from start to exit: imports, loading, everything), cpu (the process's user + system
+seconds, which a busy machine disturbs far less than wall time), the phases (project: set-up,
 generation, class images, training, validation, export, from the trainer's timings; both: the time before the
 first optimiser step, from the first to the last, and after it), s/step (the median gap between optimiser steps,
 so validations do not count), peak memory (CUDA: max allocated; CPU: the process's max RSS) and the ratios
@@ -55,6 +56,7 @@ FAST_VALIDATION = {
     "validation_sampling_scheduler": "DPMSolverMultistepScheduler",
     "validation_batch_size": 32,
 }
+RATIO_KEYS = ("wall_s", "cpu_s", "s_per_step", "peak_mib")
 PROJECT_PHASES = ("setup", "generation", "class_images", "training", "validation", "export")
 SPAN_PHASES = ("before_first_step", "steps", "after_last_step")
 
@@ -97,6 +99,12 @@ class StepClock:
         }
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process: on a shared machine it moves far less than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_memory_mib() -> tuple[float, str]:
     """CUDA max allocated when a GPU ran, else this process's max RSS."""
     import torch
@@ -125,7 +133,7 @@ def child_project(settings: dict[str, Any], threads: int) -> dict[str, Any]:
     peak, kind = peak_memory_mib()
     phases = {f"{k}_s": result.timings.get(k, 0.0) for k in PROJECT_PHASES if k != "setup"}
     return {
-        **clock.summary(start, end), **phases, "setup_s": setup, "peak_mib": peak, "memory": kind,
+        **clock.summary(start, end), **phases, "setup_s": setup, "peak_mib": peak, "memory": kind, "cpu_s": cpu_seconds(),
         "best_step": result.best_step, "device": str(trainer.accelerator.device),
     }  # fmt: skip
 
@@ -153,7 +161,7 @@ def child_peer(script: str, peer_args: list[str], threads: int, extra_path: str 
     runpy.run_path(script, run_name="__main__")
     end = time.perf_counter()
     peak, kind = peak_memory_mib()
-    return {**clock.summary(start, end), "peak_mib": peak, "memory": kind}
+    return {**clock.summary(start, end), "peak_mib": peak, "memory": kind, "cpu_s": cpu_seconds()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,7 +266,7 @@ def paired_ratio(runs: list[list[dict[str, Any]]], a: str, b: str, key: str) -> 
 
 
 def format_runs(runs: list[list[dict[str, Any]]], names: list[str]) -> str:
-    cols = ["wall_s", *(f"{p}_s" for p in SPAN_PHASES), *(f"{p}_s" for p in PROJECT_PHASES), "s_per_step",
+    cols = ["wall_s", "cpu_s", *(f"{p}_s" for p in SPAN_PHASES), *(f"{p}_s" for p in PROJECT_PHASES), "s_per_step",
             "peak_mib", "best_step"]  # fmt: skip
     lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name in names:
@@ -272,14 +280,14 @@ def format_runs(runs: list[list[dict[str, Any]]], names: list[str]) -> str:
 
 
 def format_ratios(runs: list[list[dict[str, Any]]], names: list[str]) -> str:
-    lines = ["| project / peer | wall | s/step | peak memory |", "|---|---|---|---|"]
+    lines = ["| project / peer | wall | cpu | s/step | peak memory |", "|---|---|---|---|---|"]
     for a in (n for n in names if n.startswith("rpo")):
         for b in (n for n in names if n.startswith("peer")):
-            cells = [paired_ratio(runs, a, b, k) for k in ("wall_s", "s_per_step", "peak_mib")]
+            cells = [paired_ratio(runs, a, b, k) for k in RATIO_KEYS]
             lines.append(f"| {a} / {b} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     for a, b in (("rpo_fast", "rpo"), ("rpo", "rpo_before"), ("rpo_fast", "rpo_before")):
         if a in names and b in names:
-            cells = [paired_ratio(runs, a, b, k) for k in ("wall_s", "s_per_step", "peak_mib")]
+            cells = [paired_ratio(runs, a, b, k) for k in RATIO_KEYS]
             lines.append(f"| {a} / {b} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     return "\n".join(lines)
 
