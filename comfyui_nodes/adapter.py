@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from rpo_diffusers.components import DiffusionComponents
+from rpo_diffusers.components import AdapterRowMask, DiffusionComponents
 from rpo_diffusers.export import atomic_save_file, lora_metadata, peft_to_kohya_state_dict
 
 SUPPORTED_MODEL_CONFIGS = ("SD15", "SD20")
@@ -135,6 +135,7 @@ class ComfyComponents(DiffusionComponents):
         self.noise_scheduler = ddpm_scheduler_for(model)
         self.output_file = Path(output_file)
         self.is_lora = False
+        self._row_mask: AdapterRowMask | None = None  # set by add_lora
         self.on_sampling_step = on_sampling_step
         self._uncond: torch.Tensor | None = None
 
@@ -223,6 +224,17 @@ class ComfyComponents(DiffusionComponents):
                 p.data = p.data.float()
         self.is_lora = True
         self.lora_rank, self.lora_alpha, self.lora_targets = rank, float(alpha), list(target_modules)
+        self._row_mask = AdapterRowMask(self.train_unet)
+
+    @property
+    def can_mask_adapter_rows(self) -> bool:
+        return self._row_mask is not None
+
+    def adapters_on_rows(self, mask: torch.Tensor):
+        """The trained and the reference rows in one forward (see ``DiffusionComponents.adapters_on_rows``)."""
+        if self._row_mask is None:
+            raise RuntimeError("adapters_on_rows needs LoRA adapters (add_lora).")
+        return self._row_mask(mask.to(self.device))
 
     def _lora_layers(self):
         from peft.tuners.tuners_utils import BaseTunerLayer

@@ -183,6 +183,42 @@ def add_text_encoder_lora(text_encoder: nn.Module, rank: int, alpha: float, targ
             p.data = p.data.float()
 
 
+class AdapterRowMask:
+    """Forward hooks on every LoRA up-projection (peft's ``lora_B``) of a module that, while a mask is set,
+    scale each batch row's adapter output by it: rows with 0 see the base model, rows with 1 the adapted one.
+
+    Every adapted layer of a UNet keeps the batch as its first dimension, so one forward can hold the trained
+    and the frozen reference model's rows; a layer that does not is refused with a clear error.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.mask: torch.Tensor | None = None
+        for layer in module.modules():
+            lora_b = getattr(layer, "lora_B", None)
+            if isinstance(lora_b, nn.ModuleDict):
+                for up in lora_b.values():
+                    up.register_forward_hook(self._scale)
+
+    def _scale(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if self.mask is None:
+            return None
+        if output.shape[0] != self.mask.shape[0]:
+            raise RuntimeError(
+                f"adapters_on_rows: a LoRA layer's output has {output.shape[0]} rows, the mask "
+                f"{self.mask.shape[0]}; this model reshapes the batch before an adapter: set "
+                "batch_reference_forward=False."
+            )
+        return output * self.mask.view(-1, *([1] * (output.dim() - 1))).to(output.dtype)
+
+    @contextmanager
+    def __call__(self, mask: torch.Tensor) -> Iterator[None]:
+        self.mask = mask
+        try:
+            yield
+        finally:
+            self.mask = None
+
+
 @contextmanager
 def merged_lora(*modules: nn.Module | None) -> Iterator[None]:
     """The LoRA adapters of ``modules`` merged into their base weights for a block of sampling.
@@ -255,7 +291,7 @@ class DiffusersComponents(DiffusionComponents):
         self.denoiser = Denoiser(unet)
         self._frozen_copy: Denoiser | None = None
         self.is_lora = False
-        self._row_mask: torch.Tensor | None = None  # adapters_on_rows' mask while it is active
+        self._row_mask: AdapterRowMask | None = None  # set by add_lora
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> DiffusersComponents:
@@ -373,36 +409,16 @@ class DiffusersComponents(DiffusionComponents):
                 p.data = p.data.float()
         self.is_lora = True
         self.lora_rank, self.lora_alpha, self.lora_targets = rank, alpha, list(target_modules)
-        for module in unet.modules():  # every adapter's up-projection, for adapters_on_rows
-            lora_b = getattr(module, "lora_B", None)
-            if isinstance(lora_b, nn.ModuleDict):
-                for up in lora_b.values():
-                    up.register_forward_hook(self._mask_adapter_output)
-
-    def _mask_adapter_output(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
-        mask = self._row_mask
-        if mask is None:
-            return None
-        if output.shape[0] != mask.shape[0]:
-            raise RuntimeError(
-                f"adapters_on_rows: a LoRA layer's output has {output.shape[0]} rows, the mask {mask.shape[0]}; "
-                "this model reshapes the batch before an adapter: set batch_reference_forward=False."
-            )
-        return output * mask.view(-1, *([1] * (output.dim() - 1))).to(output.dtype)
+        self._row_mask = AdapterRowMask(unet)
 
     @property
     def can_mask_adapter_rows(self) -> bool:
-        return self.is_lora
+        return self._row_mask is not None
 
-    @contextmanager
-    def adapters_on_rows(self, mask: torch.Tensor) -> Iterator[None]:
-        if not self.is_lora:
+    def adapters_on_rows(self, mask: torch.Tensor):
+        if self._row_mask is None:
             raise RuntimeError("adapters_on_rows needs LoRA adapters (add_lora).")
-        self._row_mask = mask.to(self.device)
-        try:
-            yield
-        finally:
-            self._row_mask = None
+        return self._row_mask(mask.to(self.device))
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         tok = self.pipeline.tokenizer

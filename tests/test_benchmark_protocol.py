@@ -55,7 +55,12 @@ def test_quick_protocol_runs_project_and_peer_and_prints_ratios(tmp_path, capsys
     peer.write_text(PEER)
     bench = load_benchmark()
     out = tmp_path / "numbers.json"
-    assert bench.main(["--quick", "--workdir", str(tmp_path / "w"), "--json", str(out), "--peer_script", str(peer)]) == 0
+    assert (
+        bench.main(
+            ["--quick", "--workdir", str(tmp_path / "w"), "--json", str(out), "--peer_script", str(peer)]
+        )
+        == 0
+    )
     numbers = json.loads(out.read_text())
     runs = {r["variant"]: r for rep in numbers["runs"] for r in rep}
     assert set(runs) == {"rpo", "rpo_fast", "peer_prior", "peer"}
@@ -68,12 +73,24 @@ def test_quick_protocol_runs_project_and_peer_and_prints_ratios(tmp_path, capsys
         assert r["before_first_step_s"] + r["steps_s"] + r["after_last_step_s"] <= r["wall_s"]
     assert runs["rpo"]["best_step"] in (0, 2, 4) and runs["rpo"]["generation_s"] > 0
     # the peer gets the same model, resolution and photos, and prior preservation only in peer_prior
-    argv = {v: json.loads((tmp_path / "w/runs" / f"{v}-0/argv.json").read_text()) for v in ("peer_prior", "peer")}
-    assert "--with_prior_preservation" in argv["peer_prior"] and "--with_prior_preservation" not in argv["peer"]
+    argv = {
+        v: json.loads((tmp_path / "w/runs" / f"{v}-0/argv.json").read_text()) for v in ("peer_prior", "peer")
+    }
+    assert (
+        "--with_prior_preservation" in argv["peer_prior"] and "--with_prior_preservation" not in argv["peer"]
+    )
     for a in argv.values():
         assert a[a.index("--resolution") + 1] == "32" and a[a.index("--pretrained_model_name_or_path") + 1]
     steps = {r["variant"]: r for r in numbers["per_step"]}
-    assert set(steps) == {"rpo", "dreambooth_prior"} and all(math.isfinite(r["s_per_step"]) for r in steps.values())
+    assert set(steps) == {"rpo", "dreambooth_prior"} and all(
+        math.isfinite(r["s_per_step"]) for r in steps.values()
+    )
     printed = capsys.readouterr().out
-    for line in ("| rpo / peer_prior |", "| rpo_fast / peer |", "| rpo_fast / rpo |", "RPO", "DreamBooth + prior"):
+    for line in (
+        "| rpo / peer_prior |",
+        "| rpo_fast / peer |",
+        "| rpo_fast / rpo |",
+        "RPO",
+        "DreamBooth + prior",
+    ):
         assert line in printed
