@@ -50,11 +50,11 @@ STATE_FILE = "rpo_trainer_state.json"
 TRAINABLE_FILE = "trainable_weights.safetensors"
 BEST_FILE = "best_weights.safetensors"
 CLASS_MANIFEST = "class_images.json"
-# settings a resumed run may change (how long, how often it saves, where it logs)
+# settings a resumed run may change (how long, how often it saves, where it logs, how it batches: the same math)
 RESUME_FREE_SETTINGS = {
     "resume_from_checkpoint", "resume_any_config", "output_dir", "max_train_steps", "checkpointing_steps",
     "checkpoints_total_limit", "report_to", "logging_dir", "generation_batch_size", "validation_batch_size",
-    "patience",
+    "patience", "batch_reference_forward",
 }  # fmt: skip
 # what earlier versions wrote into output_dir as real entries (adopted as the current result on the first export)
 RESULT_NAMES = (

@@ -128,3 +128,18 @@ def test_sampling_with_merged_lora_keeps_the_base_weights_exactly(
     for m, u in zip(pixels[:2], pixels[2:4]):
         assert (m - u).abs().max() <= 1  # the same images, up to rounding
     assert any((m - w).abs().max() > 8 for m, w in zip(pixels[:2], pixels[4:]))  # the adapters were in them
+
+
+def test_a_checkpoint_resumes_with_the_other_reference_batching(tiny_sd_dir, tmp_path, clip_scorer, references):
+    # one UNet call or two is the same math: a run may switch it when it resumes (other settings are refused)
+    lora_trainer(tiny_sd_dir, tmp_path, clip_scorer, references, max_train_steps=2, checkpointing_steps=2).train()
+    resumed = lora_trainer(
+        tiny_sd_dir, tmp_path, clip_scorer, references, max_train_steps=4, checkpointing_steps=2,
+        batch_reference_forward=False, resume_from_checkpoint="latest",
+    )  # fmt: skip
+    assert resumed.train().global_step == 4
+    with pytest.raises(ValueError, match="other settings"):
+        lora_trainer(
+            tiny_sd_dir, tmp_path, clip_scorer, references, max_train_steps=6, resume_from_checkpoint="latest",
+            validation_num_inference_steps=1,
+        ).train()  # fmt: skip
