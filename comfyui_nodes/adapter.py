@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from rpo_diffusers.components import DiffusionComponents
+from rpo_diffusers.components import AdapterRowMask, DiffusionComponents
 from rpo_diffusers.export import atomic_save_file, lora_metadata, peft_to_kohya_state_dict
 from rpo_diffusers.families import NATIVE_RESOLUTION, SD, SDXL, check_sdxl_resolution
 from rpo_diffusers.sdxl import SDXLConditioning, SDXLSizeConditioning
@@ -200,6 +200,7 @@ class ComfyComponents(DiffusionComponents):
         self.noise_scheduler = ddpm_scheduler_for(model)
         self.output_file = Path(output_file)
         self.is_lora = False
+        self._row_mask: AdapterRowMask | None = None  # set by add_lora
         self.on_sampling_step = on_sampling_step
         self._uncond: torch.Tensor | None = None
 
@@ -249,13 +250,18 @@ class ComfyComponents(DiffusionComponents):
 
     # -- sampling ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts, seeds, num_inference_steps, guidance_scale, resolution) -> list[Image.Image]:
-        """DDIM with classifier-free guidance on the *trained copy* (what RPO is validating)."""
-        from diffusers import DDIMScheduler
+    def generate(
+        self, prompts, seeds, num_inference_steps, guidance_scale, resolution, scheduler: str | None = None
+    ) -> list[Image.Image]:
+        """DDIM (or the diffusers ``scheduler`` named) with classifier-free guidance on the *trained copy*
+        (what RPO is validating)."""
+        from rpo_diffusers.components import merged_lora, scheduler_class
 
         if len(prompts) != len(seeds):
             raise ValueError("generate() needs one seed per prompt.")
-        sched = DDIMScheduler.from_config(self.noise_scheduler.config, timestep_spacing="trailing")
+        sched = scheduler_class(scheduler or "DDIMScheduler").from_config(
+            self.noise_scheduler.config, timestep_spacing="trailing"
+        )
         sched.set_timesteps(num_inference_steps)
         uncond, cond = self.sampling_conditioning(prompts, resolution)
         size = resolution // 8
@@ -265,13 +271,14 @@ class ComfyComponents(DiffusionComponents):
         was_training = self.train_unet.training
         self.train_unet.eval()
         try:
-            for i, t in enumerate(sched.timesteps):
-                tt = torch.full((2 * len(prompts),), int(t), device=self.device)
-                out = self.denoiser(torch.cat([latents, latents]), tt, torch.cat([uncond, cond]))
-                u, c = out.chunk(2)
-                latents = sched.step(u + guidance_scale * (c - u), t, latents).prev_sample
-                if self.on_sampling_step is not None:
-                    self.on_sampling_step(i + 1, len(sched.timesteps))
+            with merged_lora(self.train_unet) if self.is_lora else nullcontext():
+                for i, t in enumerate(sched.timesteps):
+                    tt = torch.full((2 * len(prompts),), int(t), device=self.device)
+                    out = self.denoiser(torch.cat([latents, latents]), tt, torch.cat([uncond, cond]))
+                    u, c = out.chunk(2)
+                    latents = sched.step(u + guidance_scale * (c - u), t, latents).prev_sample
+                    if self.on_sampling_step is not None:
+                        self.on_sampling_step(i + 1, len(sched.timesteps))
         finally:
             self.train_unet.train(was_training)
         return self.decode_latents(latents)
@@ -291,6 +298,17 @@ class ComfyComponents(DiffusionComponents):
                 p.data = p.data.float()
         self.is_lora = True
         self.lora_rank, self.lora_alpha, self.lora_targets = rank, float(alpha), list(target_modules)
+        self._row_mask = AdapterRowMask(self.train_unet)
+
+    @property
+    def can_mask_adapter_rows(self) -> bool:
+        return self._row_mask is not None
+
+    def adapters_on_rows(self, mask: torch.Tensor):
+        """The trained and the reference rows in one forward (see ``DiffusionComponents.adapters_on_rows``)."""
+        if self._row_mask is None:
+            raise RuntimeError("adapters_on_rows needs LoRA adapters (add_lora).")
+        return self._row_mask(mask.to(self.device))
 
     def _lora_layers(self):
         from peft.tuners.tuners_utils import BaseTunerLayer

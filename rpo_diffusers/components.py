@@ -12,7 +12,7 @@ import copy
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -91,8 +91,10 @@ class DiffusionComponents(ABC):
         num_inference_steps: int,
         guidance_scale: float,
         resolution: int,
+        scheduler: str | None = None,
     ) -> list[Image.Image]:
-        """One image per (prompt, seed) with the *current* weights."""
+        """One image per (prompt, seed) with the *current* weights; ``scheduler`` names a diffusers scheduler
+        class for this call only (validation may sample with a faster one than the training images)."""
 
     @abstractmethod
     def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str]) -> None:
@@ -117,6 +119,18 @@ class DiffusionComponents(ABC):
         if len(conditioning) != 1:
             raise ValueError(f"{len(conditioning)} conditioning rows for {len(sizes)} images: give 1 or one each.")
         return conditioning.expand(len(sizes), *conditioning.shape[1:])
+
+    @property
+    def can_mask_adapter_rows(self) -> bool:
+        """Whether :meth:`adapters_on_rows` works (LoRA adapters that can be switched off per row)."""
+        return False
+
+    @contextmanager
+    def adapters_on_rows(self, mask: torch.Tensor) -> Iterator[None]:
+        """Within it, the LoRA adapters act on the batch rows where ``mask`` is 1 and the other rows see the
+        base model: the trained and the reference model in one forward."""
+        raise NotImplementedError(f"{type(self).__name__} cannot mask its adapters per row.")
+        yield
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids of the prompts, the conditioning the denoiser embeds itself when the text encoder trains."""
@@ -188,9 +202,71 @@ def add_text_encoder_lora(text_encoder: nn.Module, rank: int, alpha: float, targ
             p.data = p.data.float()
 
 
-def _sampling_scheduler(pipeline, name: str | None):
-    if not name:
-        return pipeline.scheduler
+class AdapterRowMask:
+    """Forward hooks on every LoRA up-projection (peft's ``lora_B``) of a module that, while a mask is set,
+    scale each batch row's adapter output by it: rows with 0 see the base model, rows with 1 the adapted one.
+
+    Every adapted layer of a UNet keeps the batch as its first dimension, so one forward can hold the trained
+    and the frozen reference model's rows; a layer that does not is refused with a clear error.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.mask: torch.Tensor | None = None
+        for layer in module.modules():
+            lora_b = getattr(layer, "lora_B", None)
+            if isinstance(lora_b, nn.ModuleDict):
+                for up in lora_b.values():
+                    up.register_forward_hook(self._scale)
+
+    def _scale(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if self.mask is None:
+            return None
+        if output.shape[0] != self.mask.shape[0]:
+            raise RuntimeError(
+                f"adapters_on_rows: a LoRA layer's output has {output.shape[0]} rows, the mask "
+                f"{self.mask.shape[0]}; this model reshapes the batch before an adapter: set "
+                "batch_reference_forward=False."
+            )
+        return output * self.mask.view(-1, *([1] * (output.dim() - 1))).to(output.dtype)
+
+    @contextmanager
+    def __call__(self, mask: torch.Tensor) -> Iterator[None]:
+        self.mask = mask
+        try:
+            yield
+        finally:
+            self.mask = None
+
+
+@contextmanager
+def merged_lora(*modules: nn.Module | None) -> Iterator[None]:
+    """The LoRA adapters of ``modules`` merged into their base weights for a block of sampling.
+
+    One matmul per adapted layer instead of three, and no adapter code per layer: on the toy model sampling
+    with adapters attached took about 1.8x as long. The base weights are copied back bit for bit afterwards
+    (a merge and an unmerge round off), since with LoRA they are the frozen reference model.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for mod in modules if mod is not None for m in mod.modules()
+              if isinstance(m, BaseTunerLayer) and not m.merged and not m.disable_adapters]  # fmt: skip
+    saved = [(m.get_base_layer(), {k: v.detach().clone() for k, v in m.get_base_layer().named_parameters(recurse=False)})
+             for m in layers]  # fmt: skip
+    for m in layers:
+        m.merge()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.unmerge()  # peft's bookkeeping; the exact weights come next
+        with torch.no_grad():
+            for base, params in saved:
+                for name, value in params.items():
+                    getattr(base, name).copy_(value)
+
+
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class called ``name`` (a config names it; an unknown name fails here)."""
     import diffusers
 
     cls = getattr(diffusers, name, None)
@@ -198,7 +274,13 @@ def _sampling_scheduler(pipeline, name: str | None):
         raise ValueError(
             f"Unknown diffusers scheduler {name!r} (e.g. 'DPMSolverMultistepScheduler', 'DDIMScheduler')."
         )
-    return cls.from_config(pipeline.scheduler.config)
+    return cls
+
+
+def _sampling_scheduler(pipeline, name: str | None):
+    if not name:
+        return pipeline.scheduler
+    return scheduler_class(name).from_config(pipeline.scheduler.config)
 
 
 class DiffusersComponents(DiffusionComponents):
@@ -220,6 +302,7 @@ class DiffusersComponents(DiffusionComponents):
         self.pipeline = pipeline
         self.pipeline.set_progress_bar_config(disable=True)
         self.pipeline.scheduler = _sampling_scheduler(pipeline, sampling_scheduler)
+        self._schedulers = {type(self.pipeline.scheduler).__name__: self.pipeline.scheduler}
         self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         self.weight_dtype = weight_dtype
         unet = pipeline.unet
@@ -232,6 +315,7 @@ class DiffusersComponents(DiffusionComponents):
         self.denoiser = self.make_denoiser(unet)
         self._frozen_copy: Denoiser | None = None
         self.is_lora = False
+        self._row_mask: AdapterRowMask | None = None  # set by add_lora
 
     @property
     def text_encoders(self) -> list[nn.Module]:
@@ -310,16 +394,32 @@ class DiffusersComponents(DiffusionComponents):
         scaled = latents.to(self.device, vae.dtype) / vae.config.scaling_factor + shift
         return (vae.decode(scaled, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
-    @torch.no_grad()
-    def generate(self, prompts, seeds, num_inference_steps, guidance_scale, resolution) -> list[Image.Image]:
-        return list(self.sample(prompts, seeds, num_inference_steps, guidance_scale, resolution, "pil"))
+    def _scheduler(self, name: str | None):
+        """The pipeline's sampling scheduler, or the one called ``name`` (built once, from the same config)."""
+        if name is None:
+            return self.pipeline.scheduler
+        if name not in self._schedulers:
+            self._schedulers[name] = scheduler_class(name).from_config(self.pipeline.scheduler.config)
+        return self._schedulers[name]
 
     @torch.no_grad()
-    def sample(self, prompts, seeds, num_inference_steps, guidance_scale, resolution, output_type: str = "pil"):
-        """The pipeline's images (``output_type="pil"``) or final latents (``"latent"``), one per (prompt, seed)."""
+    def generate(
+        self, prompts, seeds, num_inference_steps, guidance_scale, resolution, scheduler: str | None = None
+    ) -> list[Image.Image]:
+        return list(self.sample(prompts, seeds, num_inference_steps, guidance_scale, resolution, "pil", scheduler))
+
+    @torch.no_grad()
+    def sample(
+        self, prompts, seeds, num_inference_steps, guidance_scale, resolution, output_type: str = "pil",
+        scheduler: str | None = None,
+    ):
+        """The pipeline's images (``output_type="pil"``) or final latents (``"latent"``), one per (prompt, seed),
+        with the pipeline's scheduler or the one named (the LoRA merged in while sampling)."""
         if len(prompts) != len(seeds):
             raise ValueError("generate() needs one seed per prompt.")
         was_training = self.unet.training
+        default_scheduler = self.pipeline.scheduler
+        self.pipeline.scheduler = self._scheduler(scheduler)
         self.unet.eval()
         try:
             generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -337,18 +437,20 @@ class DiffusersComponents(DiffusionComponents):
                     for g in generators
                 ]
             ).to(self.device, self.unet.dtype)
-            out = self.pipeline(
-                list(prompts),
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                height=resolution,
-                width=resolution,
-                latents=latents,
-                generator=generators,
-                output_type=output_type,
-            )
+            with merged_lora(self.unet, *self.text_encoders) if self.is_lora else nullcontext():
+                out = self.pipeline(
+                    list(prompts),
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    latents=latents,
+                    generator=generators,
+                    output_type=output_type,
+                )
         finally:
             self.unet.train(was_training)
+            self.pipeline.scheduler = default_scheduler
         return out.images
 
     def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str]) -> None:
@@ -367,6 +469,16 @@ class DiffusersComponents(DiffusionComponents):
                 p.data = p.data.float()
         self.is_lora = True
         self.lora_rank, self.lora_alpha, self.lora_targets = rank, alpha, list(target_modules)
+        self._row_mask = AdapterRowMask(unet)
+
+    @property
+    def can_mask_adapter_rows(self) -> bool:
+        return self._row_mask is not None
+
+    def adapters_on_rows(self, mask: torch.Tensor):
+        if self._row_mask is None:
+            raise RuntimeError("adapters_on_rows needs LoRA adapters (add_lora).")
+        return self._row_mask(mask.to(self.device))
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         tok = self.pipeline.tokenizer

@@ -58,10 +58,11 @@ STATE_FILE = "rpo_trainer_state.json"
 TRAINABLE_FILE = "trainable_weights.safetensors"
 BEST_FILE = "best_weights.safetensors"
 CLASS_MANIFEST = "class_images.json"
-# settings a resumed run may change (how long, how often it saves, where it logs)
+# settings a resumed run may change (how long, how often it saves, where it logs, how it batches: the same math)
 RESUME_FREE_SETTINGS = {
     "resume_from_checkpoint", "resume_any_config", "output_dir", "max_train_steps", "checkpointing_steps",
-    "checkpoints_total_limit", "report_to", "logging_dir", "generation_batch_size", "patience",
+    "checkpoints_total_limit", "report_to", "logging_dir", "generation_batch_size", "validation_batch_size",
+    "patience", "batch_reference_forward",
 }  # fmt: skip
 # what earlier versions wrote into output_dir as real entries (adopted as the current result on the first export)
 RESULT_NAMES = (
@@ -357,28 +358,36 @@ class PersonalizationTrainer:
         seeds: list[int],
         desc: str | None = None,
         event: str | None = None,
-        resolution: int | None = None,
+        validation: bool = False,
     ):
         """Sample ``generation_batch_size`` images at a time with the current weights, with a progress bar
-        (``desc``) and a callback ``event`` when given, at ``resolution`` (default: the training resolution).
+        (``desc``) and a callback ``event`` when given; ``validation`` samples with the validation settings
+        (steps, scheduler, batch size, resolution).
 
         Yields each batch as soon as it is drawn, so a caller can save it before the next one starts.
         """
         from tqdm.auto import tqdm
 
         cfg = self.config
+        steps, scheduler, size, resolution = cfg.num_inference_steps, None, cfg.generation_batch_size, cfg.resolution
+        if validation:
+            steps = cfg.validation_num_inference_steps or steps
+            scheduler = cfg.validation_sampling_scheduler
+            size = cfg.validation_batch_size or size
+            resolution = cfg.validation_resolution or resolution  # lower: cheaper validation (SDXL at 1024 px)
         bar = tqdm(total=len(prompts), desc=desc, disable=not self.is_main or desc is None, **_bar_pacing())
         try:
             done = 0
-            for start in range(0, len(prompts), cfg.generation_batch_size):
-                end = start + cfg.generation_batch_size
+            for start in range(0, len(prompts), size):
+                end = start + size
                 with self.accelerator.autocast():  # fp16/bf16 runs: frozen parts are half, the UNet may not be
                     batch = self.components.generate(
                         prompts[start:end],
                         seeds[start:end],
-                        cfg.num_inference_steps,
+                        steps,
                         cfg.guidance_scale,
-                        resolution or cfg.resolution,
+                        resolution,
+                        **({"scheduler": scheduler} if scheduler else {}),  # components written before it
                     )
                 done += len(batch)
                 bar.update(len(batch))
@@ -582,8 +591,7 @@ class PersonalizationTrainer:
             t0 = time.perf_counter()
             prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
             seeds = [cfg.seed + 7919 * (1 + i) for i in range(len(prompts))]
-            size = cfg.validation_resolution  # lower: cheaper validation (SDXL at 1024 px), the same reward
-            images = [im for batch in self._generate_in_batches(prompts, seeds, resolution=size) for im in batch]
+            images = [im for batch in self._generate_in_batches(prompts, seeds, validation=True) for im in batch]
             scores = self.scorer.score(images, prompts, lambda_=cfg.lambda_val)
             per_prompt = {
                 p: float(

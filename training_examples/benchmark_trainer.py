@@ -2,6 +2,7 @@
 """Seconds per training step, peak memory and per-phase wall time, full UNet vs LoRA, for any method.
 
     python training_examples/benchmark_trainer.py --method dpg --dpg_reward dino    # DPG's cost beside RPO's
+    python training_examples/benchmark_trainer.py --method dreambooth --with_prior_preservation --modes lora
 
     python training_examples/benchmark_trainer.py                                   # tiny pipeline, CPU
     python training_examples/benchmark_trainer.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -15,7 +16,7 @@ minus the memory in use just before train() (what training adds: activations, op
 frozen reference copy of a full fine-tune, generated images); the models are moved to the device before
 that baseline is read, so on CUDA it excludes the weights. s/step is the median gap
 between consecutive optimiser steps, so the validation at the end does not count. Phases: setup = loading
-the pipeline and scorer; generation = the base model's training images and their rewards; training =
+the pipeline and scorer; generation = the base model's training images and their rewards (class_images: prior preservation's); training =
 optimiser steps; validation = every validation including step 0; export = saving the best model.
 gen_img_s = generated training images / generation seconds (sampling with CFG, VAE decode, PNG save).
 --sd15_shaped and --clip_b16 build random-weight models with Stable Diffusion 1.5's and CLIP ViT-B/16's exact
@@ -41,8 +42,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-PHASES = ("setup", "generation", "training", "validation", "export")
-COLUMNS = ("mode", "s_per_step", "peak_mib", "train_add_mib", "gen_img_s", *(f"{p}_s" for p in PHASES))
+PHASES = ("setup", "generation", "class_images", "training", "validation", "export")
+COLUMNS = ("mode", "s_per_step", "cpu_s_per_step", "peak_mib", "train_add_mib", "gen_img_s", *(f"{p}_s" for p in PHASES))
 
 
 def _rss_mib() -> float:
@@ -77,13 +78,16 @@ def run_one(args: argparse.Namespace) -> dict:
         validation_steps=args.steps, use_lora=args.mode == "lora", mixed_precision=args.mixed_precision,
         generation_batch_size=args.generation_batch_size, gradient_checkpointing=args.gradient_checkpointing,
         report_to="none", method=args.method, dpg_reward=args.dpg_reward, dpg_critic=args.dpg_critic,
-        dpg_reward_model=args.dpg_reward_model,
+        dpg_reward_model=args.dpg_reward_model, with_prior_preservation=args.with_prior_preservation,
+        num_class_images=args.num_class_images,
     )  # fmt: skip
     step_times: list[float] = []
+    step_cpu: list[float] = []  # this process's CPU seconds: a busy machine moves them far less than wall time
 
     def on_event(event: str, payload: dict) -> None:
         if event == "step":
             step_times.append(time.perf_counter())
+            step_cpu.append(time.process_time())
 
     t0 = time.perf_counter()
     trainer = RPOTrainer(config, reference_images=refs, callbacks=[on_event])
@@ -104,6 +108,7 @@ def run_one(args: argparse.Namespace) -> dict:
     return {
         "mode": args.mode,
         "s_per_step": float(np.median(gaps)) if len(gaps) else float("nan"),
+        "cpu_s_per_step": float(np.median(np.diff(step_cpu))) if len(step_cpu) > 1 else float("nan"),
         "peak_mib": peak,
         "train_add_mib": peak - before_train,
         "before_train_mib": before_train,
@@ -150,9 +155,9 @@ def _child_command(args: argparse.Namespace, mode: str, output_dir: Path) -> lis
     cmd = [sys.executable, __file__, "--mode", mode, "--output_dir", str(output_dir)]
     for k in ("model", "scorer", "resolution", "steps", "sampling_steps", "images_per_prompt", "mixed_precision",
               "num_threads", "generation_batch_size", "method", "dpg_reward", "dpg_critic",
-              "dpg_reward_model"):  # fmt: skip
+              "dpg_reward_model", "num_class_images"):  # fmt: skip
         cmd += [f"--{k}", str(getattr(args, k))]
-    flags = ("gradient_checkpointing", "autocast")
+    flags = ("gradient_checkpointing", "autocast", "with_prior_preservation")
     return cmd + [f"--{f}" for f in flags if getattr(args, f)]
 
 
@@ -237,7 +242,8 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's settings (benchmark_protocol.py builds its per-step runs from these too)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="SD pipeline; default: a tiny one built from configs")
     parser.add_argument(
@@ -281,12 +287,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dpg_reward", default="latent", choices=("latent", "dino", "lambda_harmonic"))
     parser.add_argument("--dpg_critic", default="residual", choices=("residual", "latent", "none"))
     parser.add_argument("--dpg_reward_model", default=None, help="ViT of the DINO reward; default: a tiny one")
+    parser.add_argument(
+        "--with_prior_preservation", action="store_true", help="DreamBooth's prior loss (class images, 2 rows)"
+    )
+    parser.add_argument("--num_class_images", type=int, default=8, help="class images with the prior loss")
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads; 0 = torch's default")
     parser.add_argument("--modes", nargs="+", choices=["full", "lora"], default=["full", "lora"])
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--mode", choices=["full", "lora"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output_dir", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.mode:  # child process
         print("RESULT " + json.dumps(run_one(args)))
         return
@@ -298,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = [run_mode(args, mode, runs / mode) for mode in args.modes]
     first = next((r for r in rows if "error" not in r), rows[0])
-    print(f"method={args.method} dpg_reward={args.dpg_reward} dpg_critic={args.dpg_critic} model={args.model} resolution={args.resolution} steps={args.steps} sampling_steps={args.sampling_steps} "
+    print(f"method={args.method} with_prior_preservation={args.with_prior_preservation} dpg_reward={args.dpg_reward} dpg_critic={args.dpg_critic} model={args.model} resolution={args.resolution} steps={args.steps} sampling_steps={args.sampling_steps} "
           f"images_per_prompt={args.images_per_prompt} generation_batch_size={args.generation_batch_size} "
           f"mixed_precision={args.mixed_precision} gradient_checkpointing={args.gradient_checkpointing} "
           f"autocast_workaround={args.autocast} "

@@ -82,12 +82,15 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
     steps: list[dict[str, Any]] = []
     trainer: RPOTrainer | None = None
 
-    def draw(prompt_list: list[str], seed_list: list[int]) -> list:
+    def draw(prompt_list: list[str], seed_list: list[int], validation: bool = False) -> list:
+        """The current model's images; ``validation``: with the run's validation settings, as the trainer draws."""
+        steps = (validation and config.validation_num_inference_steps) or config.num_inference_steps
+        extra = {"scheduler": config.validation_sampling_scheduler} if validation and config.validation_sampling_scheduler else {}
         images = []
         for start in range(0, len(prompt_list), 32):
             images += trainer.components.generate(
-                prompt_list[start : start + 32], seed_list[start : start + 32], config.num_inference_steps,
-                config.guidance_scale, config.resolution,
+                prompt_list[start : start + 32], seed_list[start : start + 32], steps, config.guidance_scale,
+                (validation and config.validation_resolution) or config.resolution, **extra,
             )  # fmt: skip
         return images
 
@@ -99,7 +102,7 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
             scorers = {scorer_name(args.scorers[0]): trainer.scorer, **others}
             val_reward = {scorer_name(args.scorers[0]): payload["reward"]}
             if others:
-                val_images = draw(val_prompts, val_seeds)
+                val_images = draw(val_prompts, val_seeds, validation=True)
                 for name, other in others.items():
                     val_reward[name] = float(other.score(val_images, val_prompts, lambda_=config.lambda_val).reward.mean())
             scores = {name: sc.score(images, prompts, lambda_=0.5) for name, sc in scorers.items()}

@@ -221,6 +221,37 @@ class Objective(ABC):
             class_pred = self.ctx.components.denoiser(*prior[:3])
         return pred, denoising_error(class_pred.float(), prior[3])
 
+    def denoise_with_reference(
+        self,
+        model: nn.Module,
+        noisy: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        prior: tuple[torch.Tensor, ...] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """:meth:`denoise_with_prior`, plus the frozen reference model's (detached) prediction on the rows.
+
+        With LoRA (and ``batch_reference_forward``) the reference rows join the trained forward with the
+        adapters off for them: one UNet call instead of two, the same predictions. The rows never interact in
+        the UNet, so the reference rows add nothing to the gradient.
+        """
+        comp, cfg = self.ctx.components, self.config
+        batched = cfg.batch_reference_forward and not cfg.gradient_checkpointing and comp.can_mask_adapter_rows
+        joint = prior is not None and cfg.prior_loss_weight > 0
+        if not batched or (prior is not None and not joint):
+            pred, class_error = self.denoise_with_prior(model, noisy, t, cond, prior)
+            with torch.no_grad(), comp.reference_denoiser() as reference:
+                return pred, class_error, reference(noisy, t, cond)
+        rows, extra = len(noisy), (prior[:3] if joint else (noisy[:0], t[:0], cond[:0]))
+        trained = rows + len(extra[0])
+        mask = torch.zeros(trained + rows)
+        mask[:trained] = 1.0
+        with comp.adapters_on_rows(mask):
+            out = model(torch.cat([noisy, extra[0], noisy]), torch.cat([t, extra[1], t]),
+                        torch.cat([cond, extra[2], cond]))  # fmt: skip
+        class_error = denoising_error(out[rows:trained].float(), prior[3]) if joint else None
+        return out[:rows], class_error, out[trained:].detach()
+
     def add_prior(
         self, loss: torch.Tensor, parts: dict[str, torch.Tensor], class_error: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -89,7 +89,7 @@ class RPOObjective(Objective):
 
         The reference half is conditioned on the instance prompt, the generated half on its own prompt; both
         halves draw their own timesteps and noise, the class rows after them. The frozen reference model only
-        sees the pairs.
+        sees the pairs (with LoRA in the same forward, :meth:`denoise_with_reference`).
         """
         data, cfg = self.data, self.config
         pairs = self.pairs(positions)
@@ -112,9 +112,7 @@ class RPOObjective(Objective):
         ).to(self.device)
         noisy, t, target = self.noisy(latents, generator)
         prior = self.class_batch(positions, generator)  # drawn after the pairs' noise
-        pred, class_error = self.denoise_with_prior(model, noisy, t, cond, prior)
-        with torch.no_grad(), self.ctx.components.reference_denoiser() as reference:
-            ref_pred = reference(noisy, t, cond)
+        pred, class_error, ref_pred = self.denoise_with_reference(model, noisy, t, cond, prior)
         err = denoising_error(pred.float(), target)
         ref_err = denoising_error(ref_pred.float(), target)
         loss, parts = rpo_loss(
