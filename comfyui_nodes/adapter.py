@@ -300,16 +300,6 @@ class ComfyComponents(DiffusionComponents):
         self.lora_rank, self.lora_alpha, self.lora_targets = rank, float(alpha), list(target_modules)
         self._row_mask = AdapterRowMask(self.train_unet)
 
-    @property
-    def can_mask_adapter_rows(self) -> bool:
-        return self._row_mask is not None
-
-    def adapters_on_rows(self, mask: torch.Tensor):
-        """The trained and the reference rows in one forward (see ``DiffusionComponents.adapters_on_rows``)."""
-        if self._row_mask is None:
-            raise RuntimeError("adapters_on_rows needs LoRA adapters (add_lora).")
-        return self._row_mask(mask.to(self.device))
-
     def _lora_layers(self):
         from peft.tuners.tuners_utils import BaseTunerLayer
 

@@ -120,17 +120,19 @@ class DiffusionComponents(ABC):
             raise ValueError(f"{len(conditioning)} conditioning rows for {len(sizes)} images: give 1 or one each.")
         return conditioning.expand(len(sizes), *conditioning.shape[1:])
 
+    _row_mask: AdapterRowMask | None = None  # an adapter that add_lora made maskable per row
+
     @property
     def can_mask_adapter_rows(self) -> bool:
         """Whether :meth:`adapters_on_rows` works (LoRA adapters that can be switched off per row)."""
-        return False
+        return self._row_mask is not None
 
-    @contextmanager
-    def adapters_on_rows(self, mask: torch.Tensor) -> Iterator[None]:
-        """Within it, the LoRA adapters act on the batch rows where ``mask`` is 1 and the other rows see the
-        base model: the trained and the reference model in one forward."""
-        raise NotImplementedError(f"{type(self).__name__} cannot mask its adapters per row.")
-        yield
+    def adapters_on_rows(self, mask: torch.Tensor):
+        """A context in which the LoRA adapters act on the batch rows where ``mask`` is 1 and the other rows see
+        the base model: the trained and the reference model in one forward."""
+        if self._row_mask is None:
+            raise RuntimeError(f"{type(self).__name__}.adapters_on_rows needs LoRA adapters (add_lora).")
+        return self._row_mask(mask.to(self.device))
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids of the prompts, the conditioning the denoiser embeds itself when the text encoder trains."""
@@ -470,15 +472,6 @@ class DiffusersComponents(DiffusionComponents):
         self.is_lora = True
         self.lora_rank, self.lora_alpha, self.lora_targets = rank, alpha, list(target_modules)
         self._row_mask = AdapterRowMask(unet)
-
-    @property
-    def can_mask_adapter_rows(self) -> bool:
-        return self._row_mask is not None
-
-    def adapters_on_rows(self, mask: torch.Tensor):
-        if self._row_mask is None:
-            raise RuntimeError("adapters_on_rows needs LoRA adapters (add_lora).")
-        return self._row_mask(mask.to(self.device))
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         tok = self.pipeline.tokenizer
