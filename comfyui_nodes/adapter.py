@@ -135,6 +135,13 @@ def check_supported_model(model: Any, resolution: int | None = None) -> str:
     return family
 
 
+def training_resolution(model: Any, resolution: int) -> int:
+    """The training node's size: 0 is the family's native one (512 SD, 1024 SDXL); the model must be supported and
+    an SDXL size its size ids cannot describe is refused (before anything loads or is written)."""
+    family = check_supported_model(model, resolution or None)
+    return int(resolution or NATIVE_RESOLUTION[family])
+
+
 def ddpm_scheduler_for(model: Any):
     """A diffusers DDPMScheduler with exactly the checkpoint's noise schedule and prediction type."""
     from diffusers import DDPMScheduler

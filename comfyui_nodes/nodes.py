@@ -303,9 +303,9 @@ class RPOTrain(io.ComfyNode):
                 io.Int.Input("lora_rank", default=4, min=0, max=256, tooltip="0 trains the full UNet"),
                 io.Int.Input("images_per_prompt", default=4, min=1, max=64),
                 io.Int.Input("sampling_steps", default=30, min=1, max=200),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
-                             tooltip="training size: 512 for SD 1.x, 768 for SD 2.x-768, 1024 for SDXL (a multiple "
-                             "of 32 there)"),
+                io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
+                             tooltip="training size; 0: the model's own (512 for SD 1.x / 2.x, 1024 for SDXL). 768 "
+                             "for SD 2.x-768; a multiple of 32 for SDXL"),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
                 io.String.Input("output_name", default="rpo_subject"),
                 io.Combo.Input(
@@ -383,10 +383,10 @@ class RPOTrain(io.ComfyNode):
         from rpo_diffusers.config import RPOConfig
         from rpo_diffusers.trainer import RPOTrainer
 
-        from .adapter import check_supported_model, comfy_components
+        from .adapter import comfy_components, training_resolution
 
         prompts = check_train_inputs(identifier, class_noun, training_prompts, output_name)
-        check_supported_model(model, resolution)
+        resolution = training_resolution(model, resolution)
         refs = image_batches_to_pil(reference_images, reference_images_2, reference_images_3)
         use_lora = lora_rank > 0
         file_name = safe_output_name(output_name)

@@ -332,3 +332,12 @@ def test_train_preview_prefers_the_labelled_before_after_grid(tmp_path):
     assert (header < 200).sum() > 100  # the title is drawn
     Image.new("RGB", (100, 60), "red").save(tmp_path / "before_after.png")
     assert preview_grid(tmp_path, 0, refs).size == (100, 60)
+
+
+@pytest.mark.parametrize(("config_name", "asked", "used"), [("SD15", 0, 512), ("SDXL", 0, 1024), ("SDXL", 768, 768),
+                                                            ("SD20", 768, 768)])  # fmt: skip
+def test_resolution_0_trains_at_the_models_own_size(config_name, asked, used):
+    from comfyui_nodes.adapter import training_resolution
+
+    assert training_resolution(_comfy_model(config_name), asked) == used
+    assert {i.id: i for i in RPOTrain.define_schema().inputs}["resolution"].options["default"] == 0
