@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from example_scripts import load_example
 from PIL import Image
 
 from rpo_diffusers.errors import run_cli
@@ -190,14 +191,7 @@ def earlier_run(tiny_sd_dir, tiny_scorer_dirs, tmp_path_factory) -> tuple[Path, 
 
 
 def _script_main() -> Callable[[list[str]], int]:
-    import importlib.util
-
-    if "train_rpo" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("train_rpo", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["train_rpo"] = module
-        spec.loader.exec_module(module)
-    module = sys.modules["train_rpo"]
+    module = load_example("train_rpo")
 
     def run(argv: list[str]) -> int:
         try:

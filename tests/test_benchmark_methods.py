@@ -4,13 +4,12 @@ code path with tiny models built here (the one a GPU user runs with real checkpo
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from example_scripts import load_example
 
 from rpo_diffusers.toy import assets_available
 
@@ -18,13 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_methods", REPO / "training_examples/benchmark_methods.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_methods"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_example("benchmark_methods")
 
 
 def read_rows(path: Path) -> dict[str, dict[str, str]]:

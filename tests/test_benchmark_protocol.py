@@ -3,13 +3,12 @@ run by the same step clock, and the per-step comparison (speed itself is the ben
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from example_scripts import load_example
 
 from rpo_diffusers.toy import assets_available
 
@@ -39,13 +38,7 @@ if __name__ == "__main__":
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_protocol", REPO / "training_examples/benchmark_protocol.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_protocol"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("benchmark_protocol")
 
 
 @pytest.mark.slow

@@ -6,15 +6,14 @@ w_prior = 0 trains exactly like prior preservation off; the script exposes the f
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from example_scripts import load_example
 from PIL import Image
 
 from rpo_diffusers import RPOConfig, RPOTrainer
@@ -195,14 +194,8 @@ def test_bad_prior_settings_give_clear_errors(tiny_sd_dir, tmp_path, clip_scorer
 
 
 def _train_script():
-    """training_examples/train_rpo.py imported in-process (dataclasses need it in sys.modules)."""
-    if "train_rpo" not in sys.modules:
-        script = Path(__file__).resolve().parents[1] / "training_examples" / "train_rpo.py"
-        spec = importlib.util.spec_from_file_location("train_rpo", script)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["train_rpo"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["train_rpo"]
+    """training_examples/train_rpo.py imported in-process."""
+    return load_example("train_rpo")
 
 
 def test_train_script_exposes_the_flags(tiny_sd_dir, tiny_scorer_dirs, tmp_path):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from example_scripts import load_example
 
 from rpo_diffusers.stats import roc_auc, spearman
 from rpo_diffusers.toy import assets_available, get_subject
@@ -19,10 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.skipif(not assets_available(), reason="the toy world's models are not built")
 def test_quick_fidelity_report_follows_from_the_judged_images(tmp_path):
-    spec = importlib.util.spec_from_file_location("toy_fidelity", REPO / "training_examples/toy_fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["toy_fidelity"] = module
-    spec.loader.exec_module(module)
+    module = load_example("toy_fidelity")
     assert module.main(["--quick", "--output_dir", str(tmp_path)]) == 0
 
     report = json.loads((tmp_path / "fidelity_report.json").read_text())["scorers"]["scorer"]
@@ -60,10 +56,7 @@ def test_a_second_scorer_sees_the_trainers_own_validation_images(tmp_path):
 
     from rpo_diffusers.toy import asset_path
 
-    spec = importlib.util.spec_from_file_location("toy_fidelity", REPO / "training_examples/toy_fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["toy_fidelity"] = module
-    spec.loader.exec_module(module)
+    module = load_example("toy_fidelity")
     copy = shutil.copytree(asset_path("scorer"), tmp_path / "same_scorer")
     argv = ["--quick", "--output_dir", str(tmp_path / "out"), "--scorers", str(asset_path("scorer")), str(copy)]
     assert module.main(argv) == 0

@@ -9,7 +9,6 @@ that two ranks really ran.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +19,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from example_scripts import load_example
 from PIL import Image
 
 from rpo_diffusers.testing.ports import free_local_port
@@ -78,13 +78,7 @@ def _launch(launcher_args: list[str], script_args: list[str]) -> subprocess.Comp
 
 
 def _script_module() -> ModuleType:
-    """train_rpo.py imported in-process (a script, not part of the package); dataclasses need it in sys.modules."""
-    if "train_rpo" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("train_rpo", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["train_rpo"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["train_rpo"]
+    return load_example("train_rpo")
 
 
 def _history(out: Path) -> dict:
