@@ -49,13 +49,9 @@ from typing import Any
 
 import numpy as np
 
+from rpo_diffusers.config import FAST_VALIDATION
+
 HERE = Path(__file__).resolve().parent
-# the fast validation rpo_fast measures; the README's agreement numbers are for exactly these settings
-FAST_VALIDATION = {
-    "validation_num_inference_steps": 20,
-    "validation_sampling_scheduler": "DPMSolverMultistepScheduler",
-    "validation_batch_size": 32,
-}
 RATIO_KEYS = ("wall_s", "cpu_s", "s_per_step", "peak_mib")
 PROJECT_PHASES = ("setup", "generation", "class_images", "training", "validation", "export")
 SPAN_PHASES = ("before_first_step", "steps", "after_last_step")
