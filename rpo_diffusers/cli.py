@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scorer",
         dest="model",
         default=DEFAULT_SCORER,
-        help="ALIGN/CLIP/SigLIP: hub id, local folder, or 'toy-scorer' (the bundled stand-in)",
+        help="ALIGN/CLIP/SigLIP: hub id, local folder, or 'toy-scorer-domain' (the bundled stand-in)",
     )
     p.add_argument(
         "--identifier", default=DEFAULT_IDENTIFIER, help="identifier token removed before the text tower"

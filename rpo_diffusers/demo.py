@@ -107,7 +107,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .config import RPOConfig
     from .evaluation import Judges, generate_images, load_result_pipeline
     from .plots import before_after_grid
-    from .toy import SAMPLING, asset_path, get_subject
+    from .toy import DEFAULT_SCORER, SAMPLING, asset_path, get_subject
     from .trainer import RPOTrainer
 
     if args.num_threads > 0:
@@ -119,7 +119,7 @@ def run_demo(args: argparse.Namespace) -> int:
     refs_dir = subject.write_references(out / "references")
     config = RPOConfig(
         pretrained_model_name_or_path=str(asset_path("sd")),
-        scorer_model_name_or_path=str(asset_path("scorer")),
+        scorer_model_name_or_path=str(asset_path(DEFAULT_SCORER)),
         instance_data_dir=str(refs_dir),
         class_noun=subject.class_noun,
         train_prompts=subject.training_prompts(),

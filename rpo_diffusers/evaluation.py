@@ -110,12 +110,12 @@ class Judges:
     @classmethod
     def for_toy_world(cls, root: str | os.PathLike | None = None, **kwargs: Any) -> Judges:
         """The bundled toy world's judges (evaluation encoders, scorer, attribute classifier)."""
-        from .toy.models import asset_path
+        from .toy.models import DEFAULT_SCORER, asset_path
 
         return cls.from_pretrained(
             dino=asset_path("dino_eval", root),
             clip=asset_path("clip_eval", root),
-            scorer=asset_path("scorer", root),
+            scorer=asset_path(DEFAULT_SCORER, root),
             classifier=asset_path("classifier", root),
             **kwargs,
         )

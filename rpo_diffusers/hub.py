@@ -38,7 +38,7 @@ BUNDLED_MODELS: dict[str, tuple[str, str]] = {
 # what a kind of model is called in messages -> the bundled model suggested instead
 KIND_TO_BUNDLED = {
     "base model": "toy-sd",
-    "scorer": "toy-scorer",
+    "scorer": "toy-scorer-domain",
     "DINO model": "toy-dino",
     "CLIP model": "toy-clip",
 }

@@ -120,7 +120,7 @@ def test_readme_score_and_evaluate_run_on_the_demo_output(demo_run, tmp_path, ca
     heldout = out / "heldout"
     forest = heldout / "rpo" / "whiteblack_ring" / "a_sks_ring_in_the_forest"
     assert main(["score", "--references", str(out / "references"), "--images", str(forest),
-                 "--prompt", "a sks ring in the forest", "--model", "toy-scorer"]) == 0  # fmt: skip
+                 "--prompt", "a sks ring in the forest", "--model", "toy-scorer-domain"]) == 0  # fmt: skip
     assert "mean" in capsys.readouterr().out
     assert main(["evaluate", "--images", str(heldout / "rpo"), "--references", str(heldout / "references"),
                  "--dino", "toy-dino", "--clip", "toy-clip", "--output_dir", str(tmp_path)]) == 0  # fmt: skip
@@ -128,4 +128,4 @@ def test_readme_score_and_evaluate_run_on_the_demo_output(demo_run, tmp_path, ca
     assert [s["subject"] for s in table["subjects"]] == ["whiteblack_ring"]
     assert len(table["subjects"][0]["prompts"]) == 8
     readme = (REPO / "README.md").read_text()
-    assert "--model toy-scorer" in readme and "--dino toy-dino --clip toy-clip" in readme
+    assert "--model toy-scorer-domain" in readme and "--dino toy-dino --clip toy-clip" in readme

@@ -94,8 +94,8 @@ def test_offline_hub_id_fails_in_one_line_naming_the_way_out():
     message = str(info.value)
     assert isinstance(info.value, FileNotFoundError) and "\n" not in message
     assert "'kakaobrain/align-base'" in message and "HF_HUB_OFFLINE" in message
-    assert "local folder" in message and "'toy-scorer'" in message
-    with pytest.raises(ModelNotAvailableError, match="'toy-sd', 'toy-scorer', 'toy-dino', 'toy-clip'"):
+    assert "local folder" in message and "'toy-scorer-domain'" in message
+    with pytest.raises(ModelNotAvailableError, match="'toy-sd', 'toy-scorer-domain', 'toy-dino', 'toy-clip'"):
         check_model_path("stable-diffusion-v1-5/stable-diffusion-v1-5")  # no kind: every bundled name
 
 
@@ -157,7 +157,7 @@ def test_score_offline_subprocess(score_folders):
     rc, stderr, _ = _run(args, {"HF_HUB_OFFLINE": "1"})
     line = _one_line_error(stderr)
     assert (
-        rc == 2 and "Could not download the scorer 'kakaobrain/align-base'" in line and "toy-scorer" in line
+        rc == 2 and "Could not download the scorer 'kakaobrain/align-base'" in line and "'toy-scorer-domain'" in line
     )
 
 
@@ -166,7 +166,7 @@ def test_score_unreachable_endpoint_is_fast(score_folders, tmp_path):
     args = ["score", "--references", str(refs), "--images", str(imgs), "--prompt", "a sks ring"]
     rc, stderr, seconds = _run(args, _unreachable_env(tmp_path))
     line = _one_line_error(stderr)
-    assert rc == 2 and "cannot be reached" in line and "'toy-scorer'" in line
+    assert rc == 2 and "cannot be reached" in line and "'toy-scorer-domain'" in line
     assert seconds < 30  # huggingface_hub's own retries alone take >= 23 s per file
 
 

@@ -10,7 +10,7 @@ import pytest
 from example_scripts import load_example
 
 from rpo_diffusers.stats import roc_auc, spearman
-from rpo_diffusers.toy import assets_available, get_subject
+from rpo_diffusers.toy import DEFAULT_SCORER, assets_available, get_subject
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,9 +21,10 @@ def test_quick_fidelity_report_follows_from_the_judged_images(tmp_path):
     module = load_example("toy_fidelity")
     assert module.main(["--quick", "--output_dir", str(tmp_path)]) == 0
 
-    report = json.loads((tmp_path / "fidelity_report.json").read_text())["scorers"]["scorer"]
+    summary = json.loads((tmp_path / "fidelity_report.json").read_text())
+    report = summary["scorers"][DEFAULT_SCORER]
     with (tmp_path / "images.csv").open() as fh:
-        rows = [r for r in csv.DictReader(fh) if r["scorer"] == "scorer"]
+        rows = [r for r in csv.DictReader(fh) if r["scorer"] == DEFAULT_SCORER]
     prompts = get_subject("redblue_ball").evaluation_prompts()
     validations = [0, 20, 40]  # --quick: 40 steps, validation every 20
     assert len(rows) == report["images"] == len(prompts) * 2 * len(validations)
@@ -45,6 +46,19 @@ def test_quick_fidelity_report_follows_from_the_judged_images(tmp_path):
     assert run["chosen_step"] in validations and 0 <= run["fraction_of_best"] <= 1
     assert run["spearman"] == pytest.approx(spearman(run["val_rewards"], truth))
     assert run["chosen_step"] == validations[run["val_rewards"].index(max(run["val_rewards"]))]
+
+    # the evaluation encoders scored the same images, with the same verdicts, and their AUCs follow from the rows
+    with (tmp_path / "evaluation_images.csv").open() as fh:
+        eval_rows = list(csv.DictReader(fh))
+    key = ("step", "prompt", "seed", "identity", "context")
+    assert sorted(tuple(r[k] for k in key) for r in eval_rows) == sorted(tuple(r[k] for k in key) for r in rows)
+    evaluation = summary["evaluation_encoders"]
+    for score, target in (("dino", "identity"), ("clip_i", "identity"), ("clip_t", "context")):
+        values = [float(r[score]) for r in eval_rows]
+        assert all(-1.0 <= v <= 1.0 for v in values) and len(set(values)) > 1  # cosines, not a constant
+        labels = [r[target] == "True" for r in eval_rows]
+        if 0 < sum(labels) < len(labels):
+            assert evaluation[f"{score}_{target}_auc"] == pytest.approx(roc_auc(values, labels))
 
 
 @pytest.mark.slow

@@ -320,7 +320,7 @@ def row_label(label: str, row: dict[str, Any] | None, toy: bool) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from rpo_diffusers.toy import SAMPLING, asset_path
+    from rpo_diffusers.toy import DEFAULT_SCORER, SAMPLING, asset_path
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="benchmark-methods")
@@ -368,7 +368,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.toy = args.dreambench_dir is None
     if args.toy:
         args.model = args.model or str(asset_path("sd"))
-        args.scorer = args.scorer or str(asset_path("scorer"))
+        args.scorer = args.scorer or str(asset_path(DEFAULT_SCORER))
         args.dpg_reward_model = args.dpg_reward_model or args.scorer
         args.dino = args.dino or str(asset_path("dino_eval"))
         args.clip = args.clip or str(asset_path("clip_eval"))

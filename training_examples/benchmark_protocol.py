@@ -360,11 +360,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args._child:
         return args
-    from rpo_diffusers.toy import asset_path, get_subject
+    from rpo_diffusers.toy import DEFAULT_SCORER, asset_path, get_subject
 
     toy = args.model is None
     args.model = args.model or str(asset_path("sd"))
-    args.scorer = args.scorer or str(asset_path("scorer"))
+    args.scorer = args.scorer or str(asset_path(DEFAULT_SCORER))
     args.resolution = args.resolution or (32 if toy else 512)
     args.train_prompts = None
     if args.instance_data_dir is None:

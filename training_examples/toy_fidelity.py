@@ -16,9 +16,12 @@ seeds at every step), which the scorer scores and the attribute classifier (the 
   mean of held-out identity and context accuracy) over the validation steps, and the ground truth of the
   reward-selected step as a fraction of the best step's.
 
+The same AUCs for the evaluation stand-ins (``toy-dino``'s and CLIP-I's cosine to the references for identity,
+CLIP-T for context), which the benchmark's DINO / CLIP-I / CLIP-T columns rest on.
+
 The numbers describe the stand-in, not which method wins. ``--scorers A B`` measures several scorers on the same
 runs (trained with A; DreamBooth's training does not depend on the scorer, so its runs compare them fairly).
-Writes ``fidelity_report.json`` and ``images.csv``.
+Writes ``fidelity_report.json``, ``images.csv`` (the scorers) and ``evaluation_images.csv`` (the evaluation encoders).
 """
 
 from __future__ import annotations
@@ -32,14 +35,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from rpo_diffusers.config import RPOConfig
 from rpo_diffusers.stats import grouped_auc, roc_auc, spearman
-from rpo_diffusers.toy import SAMPLING, SUBJECTS, asset_path, get_subject, load_classifier
+from rpo_diffusers.toy import (
+    DEFAULT_SCORER,
+    SAMPLING,
+    SUBJECTS,
+    asset_path,
+    get_subject,
+    load_classifier,
+    load_evaluator,
+)
 from rpo_diffusers.toy.models import context_hits, identity_hits
 
 METHODS = {"dreambooth": {"method": "dreambooth"}, "rpo": {"method": "rpo"}}
 FIELDS = ("scorer", "subject", "method", "step", "prompt", "seed", "align_i", "align_t", "identity", "context")
+EVAL_FIELDS = ("subject", "method", "step", "prompt", "seed", "dino", "clip_i", "clip_t", "identity", "context")
+# evaluation encoder score -> the judge's verdict it should rank
+EVAL_TARGETS = {"dino": "identity", "clip_i": "identity", "clip_t": "context"}
 
 
 def harmonic(a: float, b: float) -> float:
@@ -60,6 +75,7 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
     torch.set_num_threads(args.threads)
     subject = get_subject(subject_name)
     classifier = load_classifier()
+    evaluator = load_evaluator()
     config = RPOConfig(
         pretrained_model_name_or_path=str(asset_path("sd")), scorer_model_name_or_path=args.scorers[0],
         class_noun=subject.class_noun, train_prompts=subject.training_prompts(),
@@ -70,6 +86,8 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
         validation_steps=args.validation_steps, learning_rate=1e-4, seed=args.seed, **METHODS[method],
     )  # fmt: skip
     references = subject.reference_images(32)
+    with torch.no_grad():
+        ref_features = {k: F.normalize(v, dim=-1) for k, v in evaluator.reference_features(references).items()}
     others = {}
     for path in args.scorers[1:]:
         others[scorer_name(path)] = LambdaHarmonicScorer.from_pretrained(path, lambda_=config.lambda_val)
@@ -79,6 +97,7 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
     val_prompts = [p for p in config.validation_prompts for _ in range(config.num_validation_images)]
     val_seeds = [config.seed + 7919 * (1 + i) for i in range(len(val_prompts))]  # the trainer's validation seeds
     rows: list[dict[str, Any]] = []
+    eval_rows: list[dict[str, Any]] = []
     steps: list[dict[str, Any]] = []
     trainer: RPOTrainer | None = None
 
@@ -106,6 +125,10 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
                 for name, other in others.items():
                     val_reward[name] = float(other.score(val_images, val_prompts, lambda_=config.lambda_val).reward.mean())
             scores = {name: sc.score(images, prompts, lambda_=0.5) for name, sc in scorers.items()}
+            dino = (F.normalize(evaluator.dino_features(images), dim=-1) @ ref_features["dino"].T).mean(1)
+            clip_img = F.normalize(evaluator.clip_image_features(images), dim=-1)
+            clip_i = (clip_img @ ref_features["clip"].T).mean(1)
+            clip_t = (clip_img * F.normalize(evaluator.clip_text_features(prompts), dim=-1)).sum(-1)
         identity = identity_hits(images, subject, prompts, classifier)
         context = context_hits(images, prompts, classifier)
         for name, sc in scores.items():
@@ -115,6 +138,12 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
                     "prompt": prompt, "seed": seeds[i], "align_i": float(sc.image_alignment[i]),
                     "align_t": float(sc.text_alignment[i]), "identity": identity[i], "context": context[i],
                 })  # fmt: skip
+        for i, prompt in enumerate(prompts):
+            eval_rows.append({
+                "subject": subject_name, "method": method, "step": payload["step"], "prompt": prompt,
+                "seed": seeds[i], "dino": float(dino[i]), "clip_i": float(clip_i[i]), "clip_t": float(clip_t[i]),
+                "identity": identity[i], "context": context[i],
+            })  # fmt: skip
         id_acc, ctx_acc = sum(identity) / len(identity), sum(context) / len(context)
         steps.append({"step": payload["step"], "val_reward": val_reward, "identity": id_acc,
                       "context": ctx_acc, "truth": harmonic(id_acc, ctx_acc)})  # fmt: skip
@@ -124,7 +153,7 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
     result = trainer.train()
     print(f"{subject_name:>18} {method:>10}: {len(steps)} validations, chosen step {result.best_step}, "
           f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
-    return {"subject": subject_name, "method": method, "steps": steps, "rows": rows}
+    return {"subject": subject_name, "method": method, "steps": steps, "rows": rows, "eval_rows": eval_rows}
 
 
 def selection_fidelity(run: dict[str, Any], scorer: str) -> dict[str, Any]:
@@ -167,6 +196,31 @@ def report(runs: list[dict[str, Any]], scorer: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def evaluation_report(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """ROC-AUC of each evaluation encoder's score for the judge's verdict it stands for, pooled and within prompt."""
+    rows = [r for run in runs for r in run["eval_rows"]]
+    groups = [(r["subject"], r["prompt"]) for r in rows]
+    rep: dict[str, Any] = {"images": len(rows)}
+    for key, target in EVAL_TARGETS.items():
+        scores, labels = [r[key] for r in rows], [r[target] for r in rows]
+        rep[f"{key}_{target}_auc"] = roc_auc(scores, labels)
+        rep[f"{key}_{target}_auc_within_prompt"] = grouped_auc(scores, labels, groups)[0]
+    return rep
+
+
+def format_evaluation_report(rep: dict[str, Any]) -> str:
+    lines = [
+        f"evaluation encoders (toy-dino, toy-clip) on the same {rep['images']} images",
+        "| what | pooled | within prompt |",
+        "|---|---|---|",
+    ]
+    names = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+    for key, target in EVAL_TARGETS.items():
+        lines.append(f"| {names[key]} AUC for {target} | {rep[f'{key}_{target}_auc']:.3f} | "
+                     f"{rep[f'{key}_{target}_auc_within_prompt']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def format_report(rep: dict[str, Any]) -> str:
     lines = [
         f"scorer {rep['scorer']}: {rep['images']} generated held-out images (identity in {rep['identity_rate']:.2f}, context in "
@@ -205,7 +259,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     p.add_argument("--quick", action="store_true", help="one subject, DreamBooth, 40 steps: a smoke test")
     args = p.parse_args(argv)
-    args.scorers = args.scorers or [str(asset_path("scorer"))]
+    args.scorers = args.scorers or [str(asset_path(DEFAULT_SCORER))]
     if args.quick:
         args.subjects, args.methods = args.subjects or ["redblue_ball"], ["dreambooth"]
         args.max_train_steps, args.validation_steps, args.images_per_prompt = 40, 20, 1
@@ -228,15 +282,21 @@ def main(argv=None) -> int:
     else:
         runs = [run_trajectory(args, s, m) for s, m in todo]
     reports = {scorer_name(path): report(runs, scorer_name(path)) for path in args.scorers}
-    summary = {"scorers": reports, "args": {k: v for k, v in vars(args).items() if k != "output_dir"},
+    evaluation = evaluation_report(runs)
+    summary = {"scorers": reports, "evaluation_encoders": evaluation, "args": {k: v for k, v in vars(args).items() if k != "output_dir"},
                "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     with open(out / "images.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(r for run in runs for r in run["rows"])
+    with open(out / "evaluation_images.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=EVAL_FIELDS)
+        writer.writeheader()
+        writer.writerows(r for run in runs for r in run["eval_rows"])
     (out / "fidelity_report.json").write_text(json.dumps(summary, indent=2))
     for rep in reports.values():
         print("\n" + format_report(rep))
+    print("\n" + format_evaluation_report(evaluation))
     print(f"\nwrote {out / 'fidelity_report.json'} and {out / 'images.csv'} in {summary['seconds']:.0f}s")
     return 0
 

@@ -5,6 +5,7 @@ the bundled models (Stable Diffusion, scorer, evaluation encoders) and the groun
 """
 
 from .models import (
+    DEFAULT_SCORER,
     SAMPLING,
     AttributeClassifier,
     asset_path,
@@ -22,6 +23,7 @@ from .subjects import SUBJECTS, Subject, get_subject, list_subjects
 from .world import Scene, random_scene, render
 
 __all__ = [
+    "DEFAULT_SCORER",
     "SAMPLING",
     "SUBJECTS",
     "AttributeClassifier",

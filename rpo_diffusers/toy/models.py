@@ -39,7 +39,11 @@ from .world import (
 
 # RPO_TOY_ASSETS points at another build (e.g. a fresh one in /tmp) without touching the package.
 ASSETS_DIR = Path(os.environ.get("RPO_TOY_ASSETS") or Path(__file__).with_name("assets"))
-MODEL_NAMES = ("sd", "scorer", "clip_eval", "dino_eval", "classifier")
+MODEL_NAMES = ("sd", "scorer", "scorer_domain", "clip_eval", "dino_eval", "classifier")
+# The scorer everything uses by default (``toy-scorer-domain``): trained on the generator's images as well as
+# renders, as a web-scale ALIGN has seen images like a generator's. Its fidelity to the judge on generated
+# images beats the renders-only ``scorer`` (README, "How faithful the toy world is").
+DEFAULT_SCORER = "scorer_domain"
 # One label group per scene attribute; the classifier's id2label holds "group:value" for each.
 ATTRIBUTE_GROUPS: dict[str, tuple[str, ...]] = {
     "shape": SHAPES,
@@ -98,7 +102,7 @@ def load_scorer(root: str | os.PathLike | None = None, **kwargs: Any):
     """The λ-harmonic scorer on the bundled ALIGN stand-in (``LambdaHarmonicScorer.from_pretrained``)."""
     from ..rewards import LambdaHarmonicScorer
 
-    return LambdaHarmonicScorer.from_pretrained(asset_path("scorer", root), **kwargs)
+    return LambdaHarmonicScorer.from_pretrained(asset_path(DEFAULT_SCORER, root), **kwargs)
 
 
 def load_evaluator(root: str | os.PathLike | None = None, **kwargs: Any):
