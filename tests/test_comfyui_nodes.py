@@ -62,6 +62,16 @@ def test_entrypoint_lists_every_node_with_valid_schemas():
     # the method is a choice on the same node; optional, so workflows saved before it still run as RPO
     assert train["method"].optional and train["method"].options["options"] == ["rpo", "dreambooth", "dpg"]
     assert train["method"].options["default"] == "rpo" and train["dpg_reward"].optional
+    # validation settings: optional, defaulting to what the node always did (1 image, DDIM at sampling_steps)
+    assert train["validation_images"].optional and train["validation_images"].options["default"] == 1
+    assert train["validation_sampling_steps"].options["default"] == 0
+    assert train["validation_sampler"].options["default"] == "ddim"
+    from comfyui_nodes.nodes import VALIDATION_SAMPLERS
+    from rpo_diffusers.components import scheduler_class
+
+    assert VALIDATION_SAMPLERS["ddim"] is None  # the trainer's own default
+    for name in train["validation_sampler"].options["options"]:  # every choice names a real diffusers scheduler
+        assert VALIDATION_SAMPLERS[name] is None or scheduler_class(VALIDATION_SAMPLERS[name]).__name__ == VALIDATION_SAMPLERS[name]
 
 
 def test_image_conversions_round_trip_and_batches_of_different_sizes():

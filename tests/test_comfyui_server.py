@@ -221,6 +221,24 @@ def test_train_then_sample_then_load_with_lora_loader(comfy):
     assert "reward" in json.dumps(entry["outputs"]["12"])
 
 
+def test_validation_settings_reach_the_trainer(comfy):
+    """validation_images / validation_sampler / validation_sampling_steps: the validation grid gains a column per
+    extra image, and DPM-Solver++ validation runs through ComfyUI's MODEL and VAE."""
+    server, base = comfy
+    widths = {}
+    for name, extra in (("val_default", {}),
+                        ("val_fast", {"validation_images": 2, "validation_sampler": "dpmpp_2m",
+                                      "validation_sampling_steps": 3})):  # fmt: skip
+        workflow = _tiny(json.loads((WORKFLOWS / "rpo_train_then_sample_api.json").read_text()))
+        train = next(n for n in workflow.values() if n["class_type"] == "RPOTrain")
+        train["inputs"].update(output_name=name, **extra)
+        server.run(workflow)
+        history = json.loads((base / f"output/rpo/{name}/rpo_history.json").read_text())
+        assert [h["step"] for h in history["history"]] == [0, 1, 2]
+        widths[name] = Image.open(base / f"output/rpo/{name}/validation/step_00000.png").width
+    assert widths["val_fast"] > widths["val_default"]  # 2 images per prompt: one more column
+
+
 @pytest.mark.parametrize(
     ("node", "field", "value", "message"),
     [
@@ -286,7 +304,8 @@ def test_pip_installed_pack_loads_from_a_one_line_file(tmp_path):
     try:
         info = server.get("/object_info")
         assert {"RPOScorerLoader", "RPOScore", "RPOSelectBest", "RPOTrain"} <= set(info)
-        optional = {"reference_images_2", "reference_images_3", "method", "dpg_reward"}
+        optional = {"reference_images_2", "reference_images_3", "method", "dpg_reward", "validation_images",
+                    "validation_sampler", "validation_sampling_steps"}
         assert info["RPOTrain"]["input"]["optional"].keys() == optional
     finally:
         server.close()
