@@ -93,3 +93,23 @@ def test_summary_gives_intervals_and_a_paired_comparison_with_dreambooth():
     assert "vs_dreambooth" not in summary["dreambooth"]
     table = bench.format_comparison(list(summary.values()), ["identity_acc"])
     assert "| RPO λ_val 0.5 | +0.062 [" in table and "wins 3/4" in table
+
+
+def test_selection_agreement_compares_the_chosen_steps_and_their_ground_truth():
+    bench = load_benchmark()
+    rows = []
+    for subject, (paper_step, fast_step, fast_identity) in {"a": (40, 40, 0.5), "b": (80, 120, 0.25)}.items():
+        rows.append({"subject": subject, "method": "rpo_lambda0.5", "best_step": paper_step,
+                     "identity_acc": 0.5, "context_acc": 0.5, "lambda_harmonic": 0.6})  # fmt: skip
+        rows.append({"subject": subject, "method": "rpo_fast_val", "best_step": fast_step,
+                     "identity_acc": fast_identity, "context_acc": 0.5, "lambda_harmonic": 0.6})  # fmt: skip
+    agreement = bench.selection_agreement(rows, "rpo_fast_val", "rpo_lambda0.5", toy=True)
+    assert agreement["same_step"] == 1 and agreement["subjects"] == 2
+    # b: harmonic(0.25, 0.5) = 1/3 against 0.5
+    assert agreement["max_abs_diff"] == pytest.approx(0.5 - 1 / 3)
+    assert agreement["mean_abs_diff"] == pytest.approx((0.5 - 1 / 3) / 2)
+    assert (agreement["paired"]["ties"], agreement["paired"]["losses"]) == (1, 1)
+    assert "the same step for 1/2 subjects" in bench.format_agreement(agreement)
+    # outside the toy world the λ-harmonic reward is the quality: equal here
+    assert bench.selection_agreement(rows, "rpo_fast_val", "rpo_lambda0.5", toy=False)["max_abs_diff"] == 0
+    assert bench.selection_agreement(rows, "rpo_fast_val", "dreambooth", toy=True) is None

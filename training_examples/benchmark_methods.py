@@ -212,6 +212,50 @@ def summarize(rows: list[dict[str, Any]], methods: Sequence[Method]) -> list[dic
     return out
 
 
+# (method, the method it must agree with): the same training, chosen by another validation
+SELECTION_PAIRS = (("rpo_fast_val", "rpo_lambda0.5"),)
+
+
+def selection_agreement(rows: list[dict[str, Any]], method: str, reference: str, toy: bool) -> dict[str, Any] | None:
+    """Does ``method``'s validation pick as good a step as ``reference``'s on the same training? Per subject:
+    the same step or not, and the paired difference of the chosen models' quality (the ground truth's harmonic
+    mean of identity and context on the toy world, else the λ-harmonic reward)."""
+    mine = {r["subject"]: r for r in rows if r["method"] == method}
+    theirs = {r["subject"]: r for r in rows if r["method"] == reference}
+    subjects = sorted(set(mine) & set(theirs))
+    if not subjects:
+        return None
+
+    def quality(r: dict[str, Any]) -> float:
+        if not toy:
+            return float(r["lambda_harmonic"])
+        i, c = float(r["identity_acc"]), float(r["context_acc"])
+        return 2 * i * c / (i + c) if i + c > 0 else 0.0
+
+    same = [mine[s]["best_step"] == theirs[s]["best_step"] for s in subjects]
+    a, b = [quality(mine[s]) for s in subjects], [quality(theirs[s]) for s in subjects]
+    return {
+        "method": method, "reference": reference, "subjects": len(subjects), "same_step": int(sum(same)),
+        "quality": "harmonic(identity_acc, context_acc)" if toy else "lambda_harmonic",
+        "mean_abs_diff": float(np.mean(np.abs(np.subtract(a, b)))), "max_abs_diff": float(np.max(np.abs(np.subtract(a, b)))),
+        "paired": paired_comparison(a, b),
+        "per_subject": {s: {"steps": (mine[s]["best_step"], theirs[s]["best_step"]), "quality": (x, y)}
+                        for s, x, y in zip(subjects, a, b)},
+    }  # fmt: skip
+
+
+def format_agreement(agreement: dict[str, Any]) -> str:
+    p = agreement["paired"]
+    return (
+        f"Selection agreement, {agreement['method']} against {agreement['reference']} (same training): the same "
+        f"step for {agreement['same_step']}/{agreement['subjects']} subjects; {agreement['quality']} of the chosen "
+        f"model differs by {agreement['mean_abs_diff']:.3f} on average (at most {agreement['max_abs_diff']:.3f}); "
+        f"paired difference {p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
+        f"{' (the interval excludes 0)' if p['excludes_zero'] else ''}, wins / ties / losses "
+        f"{p['wins']} / {p['ties']} / {p['losses']}."
+    )
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -491,6 +535,9 @@ def main(argv=None) -> int:
     summary = summarize(rows, methods)
     compared = ("identity_acc", "context_acc", "lambda_harmonic") if args.toy else ("dino", "clip_i", "clip_t")
     table = format_table(summary) + "\n\n" + format_comparison(summary, compared)
+    agreements = [a for pair in SELECTION_PAIRS if (a := selection_agreement(rows, *pair, toy=args.toy))]
+    for agreement in agreements:
+        table += "\n\n" + format_agreement(agreement)
     print("\n" + table)
     (out / "table.md").write_text(table + "\n")
     runs = {
@@ -498,7 +545,8 @@ def main(argv=None) -> int:
         for r in rows
     }
     (out / "summary.json").write_text(
-        json.dumps({"args": portable_args(args), "summary": summary, "runs": runs}, indent=2)
+        json.dumps({"args": portable_args(args), "summary": summary, "selection_agreement": agreements,
+                    "runs": runs}, indent=2)
     )
     x_key, y_key = ("identity_acc", "context_acc") if args.toy else ("dino", "clip_t")
     tradeoff_plot(summary, x_key, y_key).save(out / "tradeoff.png")
