@@ -335,7 +335,7 @@ class RPOTrain(io.ComfyNode):
                 io.Combo.Input(
                     "validation_sampler", options=list(VALIDATION_SAMPLERS), default="ddim", optional=True,
                     tooltip="sampler of the validation images; dpmpp_2m with about 20 validation steps costs less "
-                    "than ddim and picks a step as good on the toy benchmark (README, Speed)",
+                    "than ddim and picks a step as good on the toy benchmark (README, Benchmarks)",
                 ),
                 io.Int.Input(
                     "validation_sampling_steps", default=0, min=0, max=200, optional=True,

@@ -29,7 +29,7 @@ DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # diffusers' DreamBooth LoRA
 CLASS_IMAGES_DIR = "class_images"
 # A cheaper validation (about a third of the paper's sampling cost) whose checkpoint choice the benchmarks
-# measure against the paper's 50-step DDIM validation (README, "Speed"); opt in with RPOConfig(**FAST_VALIDATION).
+# measure against the paper's 50-step DDIM validation (README, "Benchmarks"); opt in with RPOConfig(**FAST_VALIDATION).
 FAST_VALIDATION: dict[str, Any] = {
     "validation_num_inference_steps": 20,
     "validation_sampling_scheduler": "DPMSolverMultistepScheduler",
