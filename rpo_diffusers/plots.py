@@ -104,7 +104,11 @@ def scatter_figure(
     errors: Sequence[tuple[float, float] | None] | None = None,
     size: tuple[int, int] = (800, 600),
 ):
-    """The matplotlib ``Figure`` behind :func:`scatter_plot` (tests read its text artists)."""
+    """The matplotlib ``Figure`` behind :func:`scatter_plot` (tests read its text artists).
+
+    Points are named in a legend beside the axes, not next to the points: labels of nearby points overlapped.
+    Points at the same place (e.g. two methods that chose the same models) share one marker, their labels
+    joined with " = "."""
     from matplotlib.figure import Figure
 
     dpi = 100
@@ -114,14 +118,20 @@ def scatter_figure(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, color="#dddddd", linewidth=0.8)
-    for i, (x, y, label) in enumerate(points):
-        color, marker = f"C{i % 10}", "osD^v"[(i // 10) % 5]  # past 10 points the marker tells them apart
-        err = errors[i] if errors is not None else None
+    merged: dict[tuple[float, float], list[int]] = {}
+    for i, (x, y, _) in enumerate(points):
+        merged.setdefault((round(x, 9), round(y, 9)), []).append(i)
+    for n, indices in enumerate(merged.values()):
+        x, y = points[indices[0]][0], points[indices[0]][1]
+        label = " = ".join(points[i][2] for i in indices)
+        color, marker = f"C{n % 10}", "osD^v"[(n // 10) % 5]  # past 10 points the marker tells them apart
+        err = errors[indices[0]] if errors is not None else None
         if err is not None:
             ax.errorbar([x], [y], xerr=[err[0]], yerr=[err[1]], color=color, alpha=0.25, lw=0.8, zorder=2)
-        ax.scatter([x], [y], s=60, color=color, marker=marker, zorder=3)
-        ax.annotate(label, (x, y), xytext=(6, 4), textcoords="offset points", fontsize=9, color=color)
-    if not points:
+        ax.scatter([x], [y], s=60, color=color, marker=marker, zorder=3, label=label)
+    if points:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, frameon=False, borderaxespad=0)
+    else:
         ax.text(0.5, 0.5, "no results", transform=ax.transAxes, ha="center", va="center", color="gray")
     return fig
 

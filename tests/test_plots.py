@@ -99,3 +99,19 @@ def test_before_after_grid_columns_and_captions():
     assert grid.width >= 2 * 192 and grid.height >= 3 * 192
     with pytest.raises(ValueError, match="one image per prompt"):
         before_after_grid(before[:2], after, prompts, "a", "b")
+
+
+def test_scatter_names_every_point_once_in_a_legend_and_merges_coincident_points():
+    from rpo_diffusers.plots import scatter_figure, scatter_plot
+
+    points = [(0.2, 0.8, "DreamBooth"), (0.25, 0.88, "RPO"), (0.25, 0.88, "RPO, fast validation"), (0.1, 0.7, "DPG")]
+    fig = scatter_figure(points, title="context against identity", xlabel="identity", ylabel="context")
+    (ax,) = fig.axes
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["DreamBooth", "RPO = RPO, fast validation", "DPG"]
+    assert len(ax.collections) == 3  # one marker per distinct place
+    assert not [t for t in ax.texts if t.get_text()]  # no labels drawn over the points
+    image = scatter_plot(points, title="t", xlabel="x", ylabel="y", size=(900, 500))
+    assert image.size == (900, 500)
+    empty = scatter_figure([], title="t", xlabel="x", ylabel="y")
+    assert [t.get_text() for t in empty.axes[0].texts] == ["no results"]

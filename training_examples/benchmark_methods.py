@@ -315,7 +315,7 @@ AXIS_LABELS = {
 }
 
 
-def tradeoff_plot(summary: list[dict[str, Any]], x_key: str, y_key: str, size=(800, 600)) -> Image.Image:
+def tradeoff_plot(summary: list[dict[str, Any]], x_key: str, y_key: str, size=(1100, 600)) -> Image.Image:
     """Scatter of the methods' means over subjects: subject fidelity (x) against prompt fidelity (y), one
     labelled point per method (the spread over subjects is in the table; as bars it hid the labels)."""
     from rpo_diffusers.plots import scatter_plot
