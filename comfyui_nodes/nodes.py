@@ -334,8 +334,8 @@ class RPOTrain(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "validation_sampler", options=list(VALIDATION_SAMPLERS), default="ddim", optional=True,
-                    tooltip="sampler of the validation images; dpmpp_2m with about 20 validation steps costs less "
-                    "than ddim and picks a step as good on the toy benchmark (README, Benchmarks)",
+                    tooltip="sampler of the validation images; dpmpp_2m needs fewer steps than ddim (about 20), and "
+                    "on the toy benchmark it chose the same checkpoints (README, Benchmarks)",
                 ),
                 io.Int.Input(
                     "validation_sampling_steps", default=0, min=0, max=200, optional=True,
