@@ -10,7 +10,7 @@ import pytest
 from example_scripts import load_example
 
 from rpo_diffusers.stats import roc_auc, spearman
-from rpo_diffusers.toy import DEFAULT_SCORER, assets_available, get_subject
+from rpo_diffusers.toy import DEFAULT_SCORER, assets_available, get_subject, ground_truth_quality
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_quick_fidelity_report_follows_from_the_judged_images(tmp_path):
     for s in validations:
         i = sum(r["identity"] == "True" for r in steps[s]) / len(steps[s])
         c = sum(r["context"] == "True" for r in steps[s]) / len(steps[s])
-        truth.append(module.harmonic(i, c))
+        truth.append(ground_truth_quality(i, c))
     assert run["truth_best"] == pytest.approx(max(truth))
     assert run["chosen_step"] in validations and 0 <= run["fraction_of_best"] <= 1
     assert run["spearman"] == pytest.approx(spearman(run["val_rewards"], truth))

@@ -262,3 +262,11 @@ def test_bundled_pipeline_draws_a_prompts_context():
         generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
     ).images  # fmt: skip
     assert context_accuracy(images, prompts) >= 0.5
+
+
+def test_ground_truth_quality_is_the_harmonic_mean_of_identity_and_context():
+    from rpo_diffusers.toy import ground_truth_quality
+
+    assert ground_truth_quality(0.5, 0.5) == pytest.approx(0.5)
+    assert ground_truth_quality(0.25, 0.5) == pytest.approx(1 / 3)
+    assert ground_truth_quality(0.0, 1.0) == ground_truth_quality(1.0, 0.0) == ground_truth_quality(0.0, 0.0) == 0.0

@@ -51,6 +51,7 @@ from rpo_diffusers.data import load_image_folder, make_image_grid
 from rpo_diffusers.evaluation import Judges, generate_images, load_result_pipeline
 from rpo_diffusers.prompts import evaluation_prompts, load_dreambench_classes, subject_type_for
 from rpo_diffusers.stats import bootstrap_ci, paired_comparison
+from rpo_diffusers.toy import ground_truth_quality
 
 
 @dataclass(frozen=True)
@@ -229,8 +230,7 @@ def selection_agreement(rows: list[dict[str, Any]], method: str, reference: str,
     def quality(r: dict[str, Any]) -> float:
         if not toy:
             return float(r["lambda_harmonic"])
-        i, c = float(r["identity_acc"]), float(r["context_acc"])
-        return 2 * i * c / (i + c) if i + c > 0 else 0.0
+        return ground_truth_quality(float(r["identity_acc"]), float(r["context_acc"]))
 
     same = [mine[s]["best_step"] == theirs[s]["best_step"] for s in subjects]
     a, b = [quality(mine[s]) for s in subjects], [quality(theirs[s]) for s in subjects]

@@ -28,6 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from rpo_diffusers.stats import spearman
+from rpo_diffusers.toy import ground_truth_quality
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -35,18 +38,6 @@ import benchmark_protocol as protocol  # noqa: E402
 from benchmark_methods import toy_subjects  # noqa: E402
 
 RESEED = 104_729  # the reseeded paper validation's seeds: the trainer's seeds shifted by this
-
-
-def harmonic(a: float, b: float) -> float:
-    return 0.0 if a <= 0 or b <= 0 else 2 * a * b / (a + b)
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Rank correlation of two series over the same steps (nan when one is constant)."""
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 class ValidationProbe:
@@ -83,7 +74,7 @@ class ValidationProbe:
                                self.sampling["guidance_scale"], cfg.resolution)  # fmt: skip
         identity = float(np.mean(identity_hits(images, self.subject.toy, prompts, self.classifier)))
         context = float(np.mean(context_hits(images, prompts, self.classifier)))
-        return {"identity": identity, "context": context, "quality": harmonic(identity, context)}
+        return {"identity": identity, "context": context, "quality": ground_truth_quality(identity, context)}
 
     @torch.no_grad()
     def __call__(self, event: str, payload: dict[str, Any]) -> None:

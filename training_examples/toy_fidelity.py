@@ -45,6 +45,7 @@ from rpo_diffusers.toy import (
     SUBJECTS,
     asset_path,
     get_subject,
+    ground_truth_quality,
     load_classifier,
     load_evaluator,
 )
@@ -55,10 +56,6 @@ FIELDS = ("scorer", "subject", "method", "step", "prompt", "seed", "align_i", "a
 EVAL_FIELDS = ("subject", "method", "step", "prompt", "seed", "dino", "clip_i", "clip_t", "identity", "context")
 # evaluation encoder score -> the judge's verdict it should rank
 EVAL_TARGETS = {"dino": "identity", "clip_i": "identity", "clip_t": "context"}
-
-
-def harmonic(a: float, b: float) -> float:
-    return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
 
 def scorer_name(path: str) -> str:
@@ -146,7 +143,7 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
             })  # fmt: skip
         id_acc, ctx_acc = sum(identity) / len(identity), sum(context) / len(context)
         steps.append({"step": payload["step"], "val_reward": val_reward, "identity": id_acc,
-                      "context": ctx_acc, "truth": harmonic(id_acc, ctx_acc)})  # fmt: skip
+                      "context": ctx_acc, "truth": ground_truth_quality(id_acc, ctx_acc)})  # fmt: skip
 
     t0 = time.perf_counter()
     trainer = RPOTrainer(config, reference_images=references, callbacks=[on_validation])

@@ -332,6 +332,12 @@ def context_accuracy(
     return _mean(context_hits(images, prompts, classifier, identifier))
 
 
+def ground_truth_quality(identity: float, context: float) -> float:
+    """One number for "keeps the subject AND follows the prompt": the harmonic mean of identity and context
+    accuracy (0 when either is 0), what the benchmarks rank steps and methods by."""
+    return 2 * identity * context / (identity + context) if identity > 0 and context > 0 else 0.0
+
+
 def object_accuracy(
     images: Sequence[ImageInput], prompts: Sequence[str], classifier: AttributeClassifier | None = None
 ) -> float:
