@@ -110,11 +110,12 @@ class Judges:
     @classmethod
     def for_toy_world(cls, root: str | os.PathLike | None = None, **kwargs: Any) -> Judges:
         """The bundled toy world's judges (evaluation encoders, scorer, attribute classifier)."""
-        from .toy.models import DEFAULT_SCORER, asset_path
+        from .toy.models import DEFAULT_EVALUATOR, DEFAULT_SCORER, EVALUATORS, asset_path
 
+        dino, clip = EVALUATORS[DEFAULT_EVALUATOR]
         return cls.from_pretrained(
-            dino=asset_path("dino_eval", root),
-            clip=asset_path("clip_eval", root),
+            dino=asset_path(dino, root),
+            clip=asset_path(clip, root),
             scorer=asset_path(DEFAULT_SCORER, root),
             classifier=asset_path("classifier", root),
             **kwargs,

@@ -33,6 +33,8 @@ BUNDLED_MODELS: dict[str, tuple[str, str]] = {
     "toy-scorer-domain": ("scorer_domain", "the scorer that has also seen the generator's images"),
     "toy-dino": ("dino_eval", "DINO"),
     "toy-clip": ("clip_eval", "CLIP"),
+    "toy-dino-domain": ("dino_eval_domain", "DINO, also trained on the generator's images"),
+    "toy-clip-domain": ("clip_eval_domain", "CLIP, also trained on the generator's images"),
     "toy-classifier": ("classifier", "the toy world's attribute classifier"),
 }
 # what a kind of model is called in messages -> the bundled model suggested instead

@@ -48,7 +48,7 @@ class World:
             "--scorer_model_name_or_path", str(self.scorer),
             "--instance_data_dir", str(photos or self.photos),
             "--class_noun", "dog", "--output_dir", str(self.out),
-            "--resolution", "32", "--num_inference_steps", "2", "--images_per_prompt", "1",
+            "--resolution", "32", "--num_inference_steps", "2", "--validation_num_inference_steps", "2", "--images_per_prompt", "1",
             "--num_validation_images", "1", "--max_train_steps", "2", "--validation_steps", "2",
             "--report_to", "none", *extra,
         ]  # fmt: skip

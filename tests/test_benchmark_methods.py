@@ -61,7 +61,7 @@ def test_benchmark_runs_on_dreambench_with_given_checkpoints(
         "--output_dir", str(tmp_path), "--dreambench_dir", str(dreambench_dir), "--subjects", "dog",
         "--methods", "base", "rpo_lambda0.5", "--model", str(tiny_sd_dir), "--scorer", str(tiny_scorer_dirs["clip"]),
         "--dino", str(tiny_vit_dir), "--clip", str(tiny_scorer_dirs["clip"]), "--resolution", "32",
-        "--num_inference_steps", "2", "--max_train_steps", "2", "--validation_steps", "1", "--images_per_prompt", "1",
+        "--num_inference_steps", "2", "--validation_num_inference_steps", "2", "--max_train_steps", "2", "--validation_steps", "1", "--images_per_prompt", "1",
         "--num_validation_images", "1", "--num_eval_images", "1", "--use_lora", "--keep_models",
     ]  # fmt: skip
     assert bench.main(argv) == 0
@@ -99,11 +99,11 @@ def test_selection_agreement_compares_the_chosen_steps_and_their_ground_truth():
     bench = load_benchmark()
     rows = []
     for subject, (paper_step, fast_step, fast_identity) in {"a": (40, 40, 0.5), "b": (80, 120, 0.25)}.items():
-        rows.append({"subject": subject, "method": "rpo_lambda0.5", "best_step": paper_step,
+        rows.append({"subject": subject, "method": "rpo_paper_val", "best_step": paper_step,
                      "identity_acc": 0.5, "context_acc": 0.5, "lambda_harmonic": 0.6})  # fmt: skip
-        rows.append({"subject": subject, "method": "rpo_fast_val", "best_step": fast_step,
+        rows.append({"subject": subject, "method": "rpo_lambda0.5", "best_step": fast_step,
                      "identity_acc": fast_identity, "context_acc": 0.5, "lambda_harmonic": 0.6})  # fmt: skip
-    agreement = bench.selection_agreement(rows, "rpo_fast_val", "rpo_lambda0.5", toy=True)
+    agreement = bench.selection_agreement(rows, *bench.SELECTION_PAIRS[0], toy=True)
     assert agreement["same_step"] == 1 and agreement["subjects"] == 2
     # b: harmonic(0.25, 0.5) = 1/3 against 0.5
     assert agreement["max_abs_diff"] == pytest.approx(0.5 - 1 / 3)
@@ -111,5 +111,5 @@ def test_selection_agreement_compares_the_chosen_steps_and_their_ground_truth():
     assert (agreement["paired"]["ties"], agreement["paired"]["losses"]) == (1, 1)
     assert "the same step for 1/2 subjects" in bench.format_agreement(agreement)
     # outside the toy world the λ-harmonic reward is the quality: equal here
-    assert bench.selection_agreement(rows, "rpo_fast_val", "rpo_lambda0.5", toy=False)["max_abs_diff"] == 0
-    assert bench.selection_agreement(rows, "rpo_fast_val", "dreambooth", toy=True) is None
+    assert bench.selection_agreement(rows, *bench.SELECTION_PAIRS[0], toy=False)["max_abs_diff"] == 0
+    assert bench.selection_agreement(rows, "rpo_lambda0.5", "dreambooth", toy=True) is None

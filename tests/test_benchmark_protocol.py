@@ -56,10 +56,15 @@ def test_quick_protocol_runs_project_and_peer_and_prints_ratios(tmp_path, capsys
     )
     numbers = json.loads(out.read_text())
     runs = {r["variant"]: r for rep in numbers["runs"] for r in rep}
-    assert set(runs) == {"rpo", "rpo_fast", "peer_prior", "peer"}
+    assert set(runs) == {"rpo", "rpo_paper", "rpo_fast", "peer_prior", "peer"}
     assert not [r["error"] for r in runs.values() if "error" in r]
     # the step clock counts the optimiser steps of both kinds of run
-    assert runs["rpo"]["steps_done"] == runs["rpo_fast"]["steps_done"] == 4
+    assert runs["rpo"]["steps_done"] == runs["rpo_paper"]["steps_done"] == runs["rpo_fast"]["steps_done"] == 4
+    # rpo is RPOConfig's defaults (the fast validation); rpo_paper validates as the paper does
+    ns = bench.parse_args([])
+    assert "validation_sampling_scheduler" not in bench.project_settings(ns, tmp_path, "rpo")
+    paper = bench.project_settings(ns, tmp_path, "rpo_paper")
+    assert (paper["validation_num_inference_steps"], paper["validation_sampling_scheduler"]) == (50, "DDIMScheduler")
     assert runs["peer_prior"]["steps_done"] == 6 and runs["peer"]["steps_done"] == 4
     for r in runs.values():
         assert r["wall_s"] > 0 and r["peak_mib"] > 0 and math.isfinite(r["s_per_step"])
@@ -83,6 +88,7 @@ def test_quick_protocol_runs_project_and_peer_and_prints_ratios(tmp_path, capsys
         "| rpo / peer_prior |",
         "| rpo_fast / peer |",
         "| rpo_fast / rpo |",
+        "| rpo / rpo_paper |",
         "RPO",
         "DreamBooth + prior",
     ):

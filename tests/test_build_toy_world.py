@@ -34,11 +34,19 @@ def test_two_processes_share_the_report_and_rebuilds_are_identical(tmp_path):
     first, second = _build(shared, "vae", "sd"), _build(shared, "scorer", "clip_eval")
     _finish(first)
     _finish(second)
-    _finish(_build(shared, "scorer_domain"))  # learns from the generator's own samples: after vae and sd
+    # these learn from the generator's own images: after vae and sd
+    _finish(_build(shared, "scorer_domain", "clip_eval_domain", "dino_eval_domain"))
     report = json.loads((shared / "build_report.json").read_text())
-    for stage in ("vae", "sd", "scorer", "clip_eval", "scorer_domain"):  # no process erased another's entries
+    domain = ("scorer_domain", "clip_eval_domain", "dino_eval_domain")
+    for stage in ("vae", "sd", "scorer", "clip_eval", *domain):  # no process erased another's entries
         assert report[stage]["seconds"] > 0, stage
-    assert report["scorer_domain"]["generator_samples"] > 0 and report["scorer_domain"]["final_image_loss"] > 0
+    for stage in ("scorer_domain", "clip_eval_domain"):
+        assert report[stage]["generator_samples"] > 0 and report[stage]["final_image_loss"] > 0
+    # the evaluation stand-ins are models of their own: never the scorer's weights, nor each other's renders-only twin
+    weights = {stage: (shared / stage / "model.safetensors").read_bytes() for stage in ("clip_eval", *domain)}
+    assert len(set(weights.values())) == len(weights)
+    configs = {stage: json.loads((shared / stage / "config.json").read_text()) for stage in ("scorer_domain", "clip_eval_domain")}
+    assert configs["scorer_domain"]["vision_config"]["hidden_size"] != configs["clip_eval_domain"]["vision_config"]["hidden_size"]
     assert not list(shared.glob("_tok*")) and not list(shared.glob("*.tmp*"))
 
     again = tmp_path / "again"

@@ -391,7 +391,7 @@ def _script_args(model, tiny_scorer_dirs, photo_dir, out, *extra) -> list[str]:
     return [
         "--pretrained_model_name_or_path", str(model), "--scorer_model_name_or_path", str(tiny_scorer_dirs["clip"]),
         "--instance_data_dir", str(photo_dir), "--class_noun", "dog", "--output_dir", str(out),
-        "--resolution", "32", "--num_inference_steps", "2", "--images_per_prompt", "1", "--num_validation_images",
+        "--resolution", "32", "--num_inference_steps", "2", "--validation_num_inference_steps", "2", "--images_per_prompt", "1", "--num_validation_images",
         "1", "--validation_steps", "2", "--report_to", "none", "--train_prompts", "a sks dog on the beach", *extra,
     ]  # fmt: skip
 

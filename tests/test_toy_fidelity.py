@@ -10,7 +10,7 @@ import pytest
 from example_scripts import load_example
 
 from rpo_diffusers.stats import roc_auc, spearman
-from rpo_diffusers.toy import DEFAULT_SCORER, assets_available, get_subject, ground_truth_quality
+from rpo_diffusers.toy import DEFAULT_SCORER, EVALUATORS, assets_available, get_subject, ground_truth_quality
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,18 +47,24 @@ def test_quick_fidelity_report_follows_from_the_judged_images(tmp_path):
     assert run["spearman"] == pytest.approx(spearman(run["val_rewards"], truth))
     assert run["chosen_step"] == validations[run["val_rewards"].index(max(run["val_rewards"]))]
 
-    # the evaluation encoders scored the same images, with the same verdicts, and their AUCs follow from the rows
+    # every set of evaluation encoders scored the same images, with the same verdicts, and their AUCs follow from
+    # the rows; the sets are different models
     with (tmp_path / "evaluation_images.csv").open() as fh:
-        eval_rows = list(csv.DictReader(fh))
+        all_eval_rows = list(csv.DictReader(fh))
+    assert sorted(summary["evaluation_encoders"]) == sorted(EVALUATORS) == sorted({r["evaluator"] for r in all_eval_rows})
     key = ("step", "prompt", "seed", "identity", "context")
-    assert sorted(tuple(r[k] for k in key) for r in eval_rows) == sorted(tuple(r[k] for k in key) for r in rows)
-    evaluation = summary["evaluation_encoders"]
-    for score, target in (("dino", "identity"), ("clip_i", "identity"), ("clip_t", "context")):
-        values = [float(r[score]) for r in eval_rows]
-        assert all(-1.0 <= v <= 1.0 for v in values) and len(set(values)) > 1  # cosines, not a constant
-        labels = [r[target] == "True" for r in eval_rows]
-        if 0 < sum(labels) < len(labels):
-            assert evaluation[f"{score}_{target}_auc"] == pytest.approx(roc_auc(values, labels))
+    by_set = {}
+    for name, evaluation in summary["evaluation_encoders"].items():
+        eval_rows = [r for r in all_eval_rows if r["evaluator"] == name]
+        assert sorted(tuple(r[k] for k in key) for r in eval_rows) == sorted(tuple(r[k] for k in key) for r in rows)
+        for score, target in (("dino", "identity"), ("clip_i", "identity"), ("clip_t", "context")):
+            values = [float(r[score]) for r in eval_rows]
+            assert all(-1.0 <= v <= 1.0 for v in values) and len(set(values)) > 1  # cosines, not a constant
+            labels = [r[target] == "True" for r in eval_rows]
+            if 0 < sum(labels) < len(labels):
+                assert evaluation[f"{score}_{target}_auc"] == pytest.approx(roc_auc(values, labels))
+        by_set[name] = sorted((r["step"], r["prompt"], r["seed"], r["dino"]) for r in eval_rows)
+    assert by_set["renders"] != by_set["domain"]
 
 
 @pytest.mark.slow

@@ -55,7 +55,7 @@ def _args(model, tiny_scorer_dirs, instance_dir, out, *extra) -> list[str]:
         "--scorer_model_name_or_path", str(tiny_scorer_dirs["clip"]),
         "--instance_data_dir", str(instance_dir),
         "--class_noun", "dog", "--output_dir", str(out),
-        "--resolution", "32", "--num_inference_steps", "2", "--images_per_prompt", "1",
+        "--resolution", "32", "--num_inference_steps", "2", "--validation_num_inference_steps", "2", "--images_per_prompt", "1",
         "--num_validation_images", "1", "--max_train_steps", "4", "--validation_steps", "2",
         "--report_to", "none", *extra,
     ]  # fmt: skip

@@ -56,7 +56,7 @@ def test_training_script_refuses_pickled_weights_without_a_traceback(tiny_sd_dir
         [sys.executable, str(REPO / "training_examples" / "train_rpo.py"), "--pretrained_model_name_or_path",
          str(bad), "--scorer_model_name_or_path", str(tiny_scorer_dirs["clip"]), "--instance_data_dir", str(refs),
          "--class_noun", "dog", "--output_dir", str(tmp_path / "out"), "--resolution", "32",
-         "--max_train_steps", "1", "--num_inference_steps", "1", "--images_per_prompt", "1"],
+         "--max_train_steps", "1", "--num_inference_steps", "1", "--validation_num_inference_steps", "1", "--images_per_prompt", "1"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode != 0 and "Traceback" not in proc.stderr

@@ -14,8 +14,8 @@ Methods (each trains from the same base model with the same seed; see METHODS):
   pref_no_es        L_sim + L_pref, the last step (RPO without early stopping)
   es_no_pref        L_sim only, the best validation step at λ_val 0.5 (early stopping without L_pref)
   rpo_lambda0.3/0.5/0.7   RPO: L_sim + L_pref, the best validation step at that λ_val
-  rpo_fast_val      rpo_lambda0.5's training, selected by FAST_VALIDATION (20 DPM-Solver++ steps) instead of
-                    the paper's 50 DDIM steps
+  rpo_paper_val     rpo_lambda0.5's training, selected by the paper's validation (PAPER_VALIDATION: 50 DDIM steps)
+                    instead of RPOConfig's default 20 DPM-Solver++ steps (--validation_num_inference_steps)
   dpg_latent        DPG: L_sim + the look-forward latent reconstruction reward through the critic, the last step
   dpg_image         DPG with the image-feature reward (the paper's DINO reward) of --dpg_reward_model, which is
                     never the evaluation DINO (toy world: the scorer's image tower), the last step
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rpo_diffusers.config import FAST_VALIDATION, RPOConfig
+from rpo_diffusers.config import FAST_VALIDATION, PAPER_VALIDATION, RPOConfig
 from rpo_diffusers.data import load_image_folder, make_image_grid
 from rpo_diffusers.evaluation import Judges, generate_images, load_result_pipeline
 from rpo_diffusers.prompts import evaluation_prompts, load_dreambench_classes, subject_type_for
@@ -74,9 +74,9 @@ METHODS: tuple[Method, ...] = (
     Method("rpo_lambda0.3", "RPO λ_val 0.3", {"lambda_val": 0.3}),
     Method("rpo_lambda0.5", "RPO λ_val 0.5", {"lambda_val": 0.5}),
     Method("rpo_lambda0.7", "RPO λ_val 0.7", {"lambda_val": 0.7}),
-    # the same training as rpo_lambda0.5 (validation draws from its own seeds), chosen by the cheaper validation:
-    # does it pick as good a step?
-    Method("rpo_fast_val", "RPO λ_val 0.5, fast validation", {"lambda_val": 0.5, **FAST_VALIDATION}),
+    # the same training as rpo_lambda0.5 (validation draws from its own seeds), chosen by the paper's 50 DDIM
+    # validation steps instead of the default 20 DPM-Solver++ steps: does the default pick as good a step?
+    Method("rpo_paper_val", "RPO λ_val 0.5, paper's validation", {"lambda_val": 0.5, **PAPER_VALIDATION}),
     # DPG (DreamBooth + a look-forward reward through a critic), a fixed number of steps as its paper trains
     Method("dpg_latent", "DPG look forward", {"method": "dpg", "dpg_reward": "latent", "early_stopping": False}),
     Method(
@@ -141,6 +141,7 @@ def run_config(args: argparse.Namespace, subject: BenchSubject, method: Method, 
         max_train_steps=args.max_train_steps, validation_steps=args.validation_steps,
         learning_rate=args.learning_rate, use_lora=args.use_lora, resolution=args.resolution,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        validation_num_inference_steps=args.validation_num_inference_steps,
         images_per_prompt=args.images_per_prompt, num_validation_images=args.num_validation_images,
         mixed_precision=args.mixed_precision,
         output_dir=str(run_dir), report_to="none", seed=args.seed,
@@ -214,7 +215,7 @@ def summarize(rows: list[dict[str, Any]], methods: Sequence[Method]) -> list[dic
 
 
 # (method, the method it must agree with): the same training, chosen by another validation
-SELECTION_PAIRS = (("rpo_fast_val", "rpo_lambda0.5"),)
+SELECTION_PAIRS = (("rpo_lambda0.5", "rpo_paper_val"),)
 
 
 def selection_agreement(rows: list[dict[str, Any]], method: str, reference: str, toy: bool) -> dict[str, Any] | None:
@@ -364,7 +365,7 @@ def row_label(label: str, row: dict[str, Any] | None, toy: bool) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from rpo_diffusers.toy import DEFAULT_SCORER, SAMPLING, asset_path
+    from rpo_diffusers.toy.models import DEFAULT_EVALUATOR, DEFAULT_SCORER, EVALUATORS, SAMPLING, asset_path
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="benchmark-methods")
@@ -392,6 +393,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--num_inference_steps", type=int, default=None)
     p.add_argument("--guidance_scale", type=float, default=None)
+    p.add_argument(
+        "--validation_num_inference_steps", type=int, default=None,
+        help="validation sampling steps (DPM-Solver++, RPOConfig's default); default: its 20, or fewer when "
+        "--num_inference_steps is fewer",
+    )  # fmt: skip
     p.add_argument("--images_per_prompt", type=int, default=4, help="base-model training images per prompt")
     p.add_argument("--num_validation_images", type=int, default=4, help="per training prompt (the paper's 4)")
     p.add_argument("--num_class_images", type=int, default=50, help="prior preservation's class images")
@@ -414,8 +420,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.model = args.model or str(asset_path("sd"))
         args.scorer = args.scorer or str(asset_path(DEFAULT_SCORER))
         args.dpg_reward_model = args.dpg_reward_model or args.scorer
-        args.dino = args.dino or str(asset_path("dino_eval"))
-        args.clip = args.clip or str(asset_path("clip_eval"))
+        args.dino = args.dino or str(asset_path(EVALUATORS[DEFAULT_EVALUATOR][0]))
+        args.clip = args.clip or str(asset_path(EVALUATORS[DEFAULT_EVALUATOR][1]))
         args.classifier = str(asset_path("classifier"))
         args.resolution = args.resolution or SAMPLING["resolution"]
         args.num_inference_steps = args.num_inference_steps or SAMPLING["num_inference_steps"]
@@ -430,6 +436,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.resolution = args.resolution or 512
         args.num_inference_steps = args.num_inference_steps or 50
         args.guidance_scale = args.guidance_scale or 7.5
+    args.validation_num_inference_steps = args.validation_num_inference_steps or min(
+        args.num_inference_steps, FAST_VALIDATION["validation_num_inference_steps"]
+    )
     if args.quick:  # enough steps for the toy subject to appear, few images
         args.subjects = args.subjects or (["redblue_ball"] if args.toy else None)
         args.methods = args.methods or ["base", "dreambooth", "rpo_lambda0.5"]

@@ -10,12 +10,14 @@
 
 Runs, each in a process of its own and all repeated ``--repeats`` times in turn (A B C A B C ..., so a drift
 of the machine's speed hits every run alike); the project's runs are the paper's protocol with LoRA:
-  rpo         RPOConfig's defaults: 8 prompts x 4 base-model images, 400 steps, a validation every 40 steps of
-              8 prompts x 4 images at 50 sampling steps with CFG 7.5, the best step exported
+  rpo         RPOConfig's defaults: 8 prompts x 4 base-model images at 50 sampling steps with CFG 7.5, 400
+              steps, a validation every 40 steps of 8 prompts x 4 images at 20 DPM-Solver++ steps
+              (FAST_VALIDATION), the best step exported
+  rpo_paper   the same with the paper's validation (PAPER_VALIDATION: 50 DDIM steps); benchmark_selection.py
+              measures that both pick the same step
   rpo_before  rpo on --baseline_checkout's rpo_diffusers (another checkout: the numbers before a change)
-  rpo_fast    the same with the fast validation (FAST_VALIDATION: 20 DPM-Solver++ steps, every validation image
-              in one batch) and the training images drawn 32 at a time; benchmark_selection.py measures what
-              that validation picks
+  rpo_fast    rpo with every validation image in one batch and the training images drawn 32 at a time (the
+              same images, more memory per call)
   peer_prior  --peer_script, 1000 steps with prior preservation on 200 class images (its README's recipe)
   peer        --peer_script, 400 steps without prior preservation
 The peer gets the same model, photos, resolution, seed, precision and LoRA learning rate; its class images are
@@ -49,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from rpo_diffusers.config import FAST_VALIDATION
+from rpo_diffusers.config import FAST_VALIDATION, PAPER_VALIDATION
 
 HERE = Path(__file__).resolve().parent
 RATIO_KEYS = ("wall_s", "cpu_s", "s_per_step", "peak_mib")
@@ -163,8 +165,9 @@ def child_peer(script: str, peer_args: list[str], threads: int, extra_path: str 
 # ------------------------------------------------------------------------------------------------
 # the runs
 # ------------------------------------------------------------------------------------------------
-def project_settings(args: argparse.Namespace, run_dir: Path, fast: bool) -> dict[str, Any]:
-    """RPOConfig's defaults (the paper's protocol) with LoRA on this benchmark's model and photos."""
+def project_settings(args: argparse.Namespace, run_dir: Path, variant: str = "rpo") -> dict[str, Any]:
+    """RPOConfig's defaults (the paper's protocol, the fast validation) with LoRA on this benchmark's model and
+    photos; ``variant`` rpo_paper: the paper's validation, rpo_fast: everything sampled 32 images at a time."""
     settings: dict[str, Any] = {
         "pretrained_model_name_or_path": args.model, "scorer_model_name_or_path": args.scorer,
         "instance_data_dir": args.instance_data_dir, "class_noun": args.class_noun, "resolution": args.resolution,
@@ -176,10 +179,12 @@ def project_settings(args: argparse.Namespace, run_dir: Path, fast: bool) -> dic
     if args.quick:
         settings.update(max_train_steps=4, validation_steps=2, images_per_prompt=1, num_validation_images=1,
                         num_inference_steps=2, train_prompts=(args.train_prompts or [])[:2] or None)  # fmt: skip
-    if fast:  # the fast validation, and the training images drawn 32 at a time (the same images)
-        settings.update(FAST_VALIDATION, generation_batch_size=32)
-        if args.quick:
-            settings["validation_num_inference_steps"] = 1
+    if variant == "rpo_paper":
+        settings.update(PAPER_VALIDATION)
+    if variant == "rpo_fast":  # every validation image in one call, the training images 32 at a time
+        settings.update(validation_batch_size=32, generation_batch_size=32)
+    if args.quick:
+        settings["validation_num_inference_steps"] = 2 if variant == "rpo_paper" else 1
     return {k: v for k, v in settings.items() if v is not None}
 
 
@@ -201,7 +206,7 @@ def peer_arguments(args: argparse.Namespace, run_dir: Path, prior: bool) -> list
 
 
 def variants(args: argparse.Namespace) -> list[str]:
-    names = ["rpo", "rpo_fast", *(["rpo_before"] if args.baseline_checkout else [])]
+    names = ["rpo", "rpo_paper", "rpo_fast", *(["rpo_before"] if args.baseline_checkout else [])]
     if args.peer_script:
         names += ["peer_prior", "peer"]
     return [n for n in names if not args.only or n in args.only]
@@ -210,7 +215,7 @@ def variants(args: argparse.Namespace) -> list[str]:
 def child_command(args: argparse.Namespace, variant: str, run_dir: Path) -> list[str]:
     cmd = [sys.executable, __file__, "--_child", variant, "--_run_dir", str(run_dir)]
     if variant.startswith("rpo"):
-        payload = project_settings(args, run_dir, fast=variant == "rpo_fast")  # rpo_before: rpo's
+        payload = project_settings(args, run_dir, variant)  # rpo_before: rpo's
     else:
         payload = {"script": args.peer_script, "args": peer_arguments(args, run_dir, prior=variant == "peer_prior"),
                    "extra_path": args.peer_pythonpath}  # fmt: skip
@@ -281,7 +286,7 @@ def format_ratios(runs: list[list[dict[str, Any]]], names: list[str]) -> str:
         for b in (n for n in names if n.startswith("peer")):
             cells = [paired_ratio(runs, a, b, k) for k in RATIO_KEYS]
             lines.append(f"| {a} / {b} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
-    for a, b in (("rpo_fast", "rpo"), ("rpo", "rpo_before"), ("rpo_fast", "rpo_before")):
+    for a, b in (("rpo", "rpo_paper"), ("rpo_fast", "rpo"), ("rpo", "rpo_before"), ("rpo_fast", "rpo_before")):
         if a in names and b in names:
             cells = [paired_ratio(runs, a, b, k) for k in RATIO_KEYS]
             lines.append(f"| {a} / {b} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
@@ -346,7 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step_steps", type=int, default=60, help="optimiser steps of each per-step run")
     p.add_argument("--no_per_step", action="store_true", help="skip the per-step comparison")
     p.add_argument(
-        "--only", nargs="*", default=None, help="run only these of rpo, rpo_fast, peer_prior, peer"
+        "--only", nargs="*", default=None, help="run only these of rpo, rpo_paper, rpo_fast, peer_prior, peer"
     )
     p.add_argument(
         "--num_threads", type=int, default=1, help="torch CPU threads per run; 0 = torch's default"
@@ -418,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
           f"repeats={args.repeats} threads={args.num_threads} cpus={os.cpu_count()} load_avg_at_start={load:.2f} "
           f"gpu={torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'} "
           f"python={platform.python_version()} torch={torch.__version__} quick={args.quick}")  # fmt: skip
-    print(f"fast validation (rpo_fast): {FAST_VALIDATION}")
+    print(f"validation: rpo {FAST_VALIDATION} (RPOConfig's default), rpo_paper {PAPER_VALIDATION}")
     print("\nwhole runs (median over repeats; seconds, MiB):\n" + format_runs(runs, names))
     print("\nratios (repeat by repeat, median):\n" + format_ratios(runs, names))
     for rep in runs:

@@ -4,9 +4,10 @@
     python training_examples/benchmark_selection.py --output_dir bench-selection           # 4 toy subjects, CPU
     python training_examples/benchmark_selection.py --output_dir /tmp/s --quick            # smoke test
 
-Each toy subject trains once with benchmark_protocol.py's ``rpo`` settings (the paper's protocol, LoRA); at
-every validation the same weights are also measured three more ways:
-  fast      the validation reward with benchmark_protocol.FAST_VALIDATION (what rpo_fast selects with)
+Each toy subject trains once with benchmark_protocol.py's ``rpo_paper`` settings (the paper's protocol and its
+validation, PAPER_VALIDATION: 50 DDIM steps; LoRA); at every validation the same weights are also measured
+three more ways:
+  fast      the validation reward with FAST_VALIDATION (20 DPM-Solver++ steps: RPOConfig's default)
   reseed    the paper's validation again with other seeds: how much the paper's own choice moves by chance
   truth     the toy world's ground truth on the subject's held-out prompts: identity accuracy (the subject's
             look), context accuracy (the prompt's context) and their harmonic mean ``quality``
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rpo_diffusers.config import FAST_VALIDATION, PAPER_VALIDATION
 from rpo_diffusers.stats import spearman
 from rpo_diffusers.toy import ground_truth_quality
 
@@ -49,7 +51,7 @@ class ValidationProbe:
 
         self.trainer, self.subject, self.eval_images = trainer, subject, eval_images
         self.sampling, self.classifier = dict(SAMPLING), load_classifier()
-        self.fast_steps = 1 if quick else protocol.FAST_VALIDATION["validation_num_inference_steps"]
+        self.fast_steps = 1 if quick else FAST_VALIDATION["validation_num_inference_steps"]
         if quick:
             self.sampling["num_inference_steps"] = 2
         self.rows: list[dict[str, Any]] = []
@@ -80,12 +82,12 @@ class ValidationProbe:
     def __call__(self, event: str, payload: dict[str, Any]) -> None:
         if event != "validation":
             return
-        cfg, fast = self.trainer.config, protocol.FAST_VALIDATION
+        cfg, fast = self.trainer.config, FAST_VALIDATION
         n = len(cfg.validation_prompts) * cfg.num_validation_images
         self.rows.append({
             "step": payload["step"], "paper": payload["reward"],
             "fast": self._reward(self.fast_steps, fast["validation_sampling_scheduler"], 0, n),
-            "reseed": self._reward(cfg.num_inference_steps, cfg.sampling_scheduler, RESEED, n),
+            "reseed": self._reward(cfg.validation_num_inference_steps, cfg.validation_sampling_scheduler, RESEED, n),
             **self._truth(),
         })  # fmt: skip
 
@@ -103,7 +105,7 @@ def run_subject(args: argparse.Namespace, subject, root: Path) -> dict[str, Any]
     from rpo_diffusers import RPOConfig, RPOTrainer
 
     ns = protocol.parse_args(["--quick"] if args.quick else [])
-    settings = protocol.project_settings(ns, root / subject.name, fast=False)
+    settings = protocol.project_settings(ns, root / subject.name, "rpo_paper")
     settings.pop("instance_data_dir", None)
     settings.update(class_noun=subject.class_noun, seed=args.seed, report_to="none")
     settings["train_prompts"] = subject.train_prompts[:2] if args.quick else subject.train_prompts
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "selection.json").write_text(json.dumps({"runs": runs, "summary": summarize(runs)}, indent=2))
     summary = summarize(runs)
     print("\n" + format_table(runs))
-    print(f"\nfast validation {protocol.FAST_VALIDATION} against the paper's: {json.dumps(summary)}")
+    print(f"\nfast validation {FAST_VALIDATION} against the paper's {PAPER_VALIDATION}: {json.dumps(summary)}")
     print(f"wrote {out / 'selection.json'}")
     return 0
 

@@ -74,6 +74,7 @@ def run_one(args: argparse.Namespace) -> dict:
     config = RPOConfig(
         pretrained_model_name_or_path=args.model, scorer_model_name_or_path=args.scorer, class_noun="dog",
         output_dir=args.output_dir, resolution=args.resolution, num_inference_steps=args.sampling_steps,
+        validation_num_inference_steps=args.sampling_steps,
         images_per_prompt=args.images_per_prompt, num_validation_images=1, max_train_steps=args.steps,
         validation_steps=args.steps, use_lora=args.mode == "lora", mixed_precision=args.mixed_precision,
         generation_batch_size=args.generation_batch_size, gradient_checkpointing=args.gradient_checkpointing,

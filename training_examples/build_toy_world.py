@@ -15,6 +15,8 @@ Stages (each saved with ``save_pretrained`` as soon as it is done, and skipped w
               images like the generator's); needs the vae and sd stages first
   clip_eval   a second, differently seeded and shaped CLIPModel: the CLIP-I / CLIP-T stand-in for evaluation
   dino_eval   ViTModel trained to put the same object (shape, colours, pattern) together across contexts: DINO stand-in
+  clip_eval_domain, dino_eval_domain  the two evaluation stand-ins, also trained on the generator's domain (as
+              scorer_domain is), each from its own sample of the world and with its own seed and shape; need vae, sd
   classifier  ground-truth attribute classifier (ResNetForImageClassification, one label group per attribute)
 
 Every stage writes its losses and timings to ``build_report.json`` next to the models.
@@ -436,14 +438,17 @@ def domain_scorer_data(out: Path, n: int, n_generated: int, seed: int = 2) -> tu
     return pool, captions, views
 
 
-def build_domain_scorer(out: Path, n: int, n_generated: int, steps: int, report: dict) -> None:
-    """A λ-harmonic scorer that has also seen the generator's domain (``scorer_domain``): the same model as
-    ``scorer``, from its own sample of the world, the VAE's round trips and the generator's samples."""
+def build_domain_clip(
+    out: Path, key: str, n: int, n_generated: int, steps: int, report: dict, *, data_seed: int, shape: tuple[int, ...]
+) -> None:
+    """A CLIPModel that has also seen the generator's domain: ``scorer_domain`` (the scorer's shape) and
+    ``clip_eval_domain`` (the evaluation CLIP's shape), each from its own sample of the world (``data_seed``),
+    the VAE's round trips and the generator's samples. ``shape`` is ``_clip``'s (seed, hidden, layers, patch)."""
     t = time.perf_counter()
-    pool, captions, views = domain_scorer_data(out, n, n_generated)
-    log(f"scorer_domain data: {len(pool)} images in {time.perf_counter() - t:.0f}s")
-    _clip(out / "scorer_domain", pool, captions, steps, 11, 64, 3, 4, "scorer_domain", report, views=views)
-    report["scorer_domain"].update(images=len(pool), generator_samples=n_generated)
+    pool, captions, views = domain_scorer_data(out, n, n_generated, seed=data_seed)
+    log(f"{key} data: {len(pool)} images in {time.perf_counter() - t:.0f}s")
+    _clip(out / key, pool, captions, steps, *shape, key, report, views=views)
+    report[key].update(images=len(pool), generator_samples=n_generated)
 
 
 def _labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
@@ -596,20 +601,23 @@ def build_classifier(out: Path, data, scenes, steps: int, report: dict) -> None:
     report["classifier"] = {"steps": steps, "final_loss": float(np.mean(losses[-100:]))}
 
 
-def build_dino(out: Path, data, scenes, steps: int, report: dict) -> None:
+def build_dino(out: Path, data, scenes, steps: int, report: dict, key: str = "dino_eval", domain: bool = False) -> None:
     """A ViT whose CLS feature encodes object identity (shape, colours, pattern), not the context: trained
-    with identity heads on the CLS token, then saved without them."""
+    with identity heads on the CLS token, then saved without them. With ``domain`` (``dino_eval_domain``) it
+    also reads the images as the VAE and the generator give them back, as a web-trained DINO has seen
+    generated images; it is seeded apart from ``dino_eval`` and from the judge."""
     from transformers import ViTConfig, ViTModel
 
     groups = ["shape", "color", "color2", "pattern"]
-    torch.manual_seed(7)
+    torch.manual_seed(17 if domain else 7)
     model = ViTModel(ViTConfig(image_size=SIZE, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                num_attention_heads=4), add_pooling_layer=False)  # fmt: skip
     head = torch.nn.Linear(64, sum(len(ATTRIBUTE_GROUPS[k]) for k in groups))
-    losses = train_attributes(model, head, data, scenes, groups, steps, 8, "dino_eval")
-    model.save_pretrained(out / "dino_eval")
-    _vit_processor().save_pretrained(out / "dino_eval")
-    report["dino_eval"] = {"steps": steps, "final_loss": float(np.mean(losses[-100:]))}
+    alt = (vae_roundtrips(out, data), generator_roundtrips(out, data, scenes, seed=23)) if domain else ()
+    losses = train_attributes(model, head, data, scenes, groups, steps, 18 if domain else 8, key, alt)
+    model.save_pretrained(out / key)
+    _vit_processor().save_pretrained(out / key)
+    report[key] = {"steps": steps, "final_loss": float(np.mean(losses[-100:]))}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -820,6 +828,8 @@ STAGES = (
     "scorer_domain",
     "clip_eval",
     "dino_eval",
+    "clip_eval_domain",
+    "dino_eval_domain",
     "classifier",
     "evaluate",
     "overfit",
@@ -849,6 +859,8 @@ def main(argv=None) -> None:
     loaded = json.loads(json.dumps(report))  # what was on disk before this process changed anything
     scale = 0.01 if args.quick else 1.0
     n = max(int(16000 * scale), 256)
+
+    n_generated = max(int(2000 * scale), 64)  # generator samples in each domain-trained CLIP's data
 
     def steps(k: int) -> int:
         return max(int(k * scale), 20)
@@ -882,11 +894,18 @@ def main(argv=None) -> None:
         "sd_continue": (lambda: continue_sd(out, *base(), steps(6000), report), "sd_continue"),
         "scorer": (lambda: _clip(out / "scorer", scorer_data()[0], [sc.caption() for sc in scorer_data()[1]], steps(800),
                                  11, 64, 3, 4, "scorer", report), out / "scorer" / "config.json"),
-        "scorer_domain": (lambda: build_domain_scorer(out, n, max(int(2000 * scale), 64), steps(800), report),
-                          out / "scorer_domain" / "config.json"),
+        "scorer_domain": (lambda: build_domain_clip(out, "scorer_domain", n, n_generated, steps(800), report, data_seed=2,
+                                                    shape=(11, 64, 3, 4)), out / "scorer_domain" / "config.json"),
         "clip_eval": (lambda: _clip(out / "clip_eval", judge()[0], [sc.caption() for sc in judge()[1]], steps(800), 12, 96,
                                     2, 8, "clip_eval", report), out / "clip_eval" / "config.json"),
         "dino_eval": (lambda: build_dino(out, *judge(), steps(600), report), out / "dino_eval" / "config.json"),
+        # the evaluation stand-ins on the generator's domain: their own samples of the world (seeds 3 and 4), never
+        # the scorer's (2) or the judge's (1)
+        "clip_eval_domain": (lambda: build_domain_clip(out, "clip_eval_domain", n, n_generated, steps(800), report,
+                                                       data_seed=3, shape=(12, 96, 2, 8)),
+                             out / "clip_eval_domain" / "config.json"),
+        "dino_eval_domain": (lambda: build_dino(out, *make_dataset(n, seed=4, sampler=classifier_scene), steps(600), report,
+                                                key="dino_eval_domain", domain=True), out / "dino_eval_domain" / "config.json"),
         "classifier": (lambda: build_classifier(out, *judge(), steps(2000), report), out / "classifier" / "config.json"),
         "evaluate": (lambda: evaluate(out, report, 16 if args.quick else 96), None),
         "overfit": (lambda: overfit(out, report, steps(400) if args.quick else args.overfit_steps, args.overfit_subject,

@@ -16,8 +16,8 @@ seeds at every step), which the scorer scores and the attribute classifier (the 
   mean of held-out identity and context accuracy) over the validation steps, and the ground truth of the
   reward-selected step as a fraction of the best step's.
 
-The same AUCs for the evaluation stand-ins (``toy-dino``'s and CLIP-I's cosine to the references for identity,
-CLIP-T for context), which the benchmark's DINO / CLIP-I / CLIP-T columns rest on.
+The same AUCs for each set of evaluation stand-ins (``--evaluators``; DINO's and CLIP-I's cosine to the
+references for identity, CLIP-T for context), which the benchmark's DINO / CLIP-I / CLIP-T columns rest on.
 
 The numbers describe the stand-in, not which method wins. ``--scorers A B`` measures several scorers on the same
 runs (trained with A; DreamBooth's training does not depend on the scorer, so its runs compare them fairly).
@@ -41,6 +41,7 @@ from rpo_diffusers.config import RPOConfig
 from rpo_diffusers.stats import grouped_auc, roc_auc, spearman
 from rpo_diffusers.toy import (
     DEFAULT_SCORER,
+    EVALUATORS,
     SAMPLING,
     SUBJECTS,
     asset_path,
@@ -53,7 +54,7 @@ from rpo_diffusers.toy.models import context_hits, identity_hits
 
 METHODS = {"dreambooth": {"method": "dreambooth"}, "rpo": {"method": "rpo"}}
 FIELDS = ("scorer", "subject", "method", "step", "prompt", "seed", "align_i", "align_t", "identity", "context")
-EVAL_FIELDS = ("subject", "method", "step", "prompt", "seed", "dino", "clip_i", "clip_t", "identity", "context")
+EVAL_FIELDS = ("evaluator", "subject", "method", "step", "prompt", "seed", "dino", "clip_i", "clip_t", "identity", "context")
 # evaluation encoder score -> the judge's verdict it should rank
 EVAL_TARGETS = {"dino": "identity", "clip_i": "identity", "clip_t": "context"}
 
@@ -72,7 +73,7 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
     torch.set_num_threads(args.threads)
     subject = get_subject(subject_name)
     classifier = load_classifier()
-    evaluator = load_evaluator()
+    evaluators = {name: load_evaluator(name=name) for name in args.evaluators}
     config = RPOConfig(
         pretrained_model_name_or_path=str(asset_path("sd")), scorer_model_name_or_path=args.scorers[0],
         class_noun=subject.class_noun, train_prompts=subject.training_prompts(),
@@ -84,7 +85,10 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
     )  # fmt: skip
     references = subject.reference_images(32)
     with torch.no_grad():
-        ref_features = {k: F.normalize(v, dim=-1) for k, v in evaluator.reference_features(references).items()}
+        ref_features = {
+            name: {k: F.normalize(v, dim=-1) for k, v in ev.reference_features(references).items()}
+            for name, ev in evaluators.items()
+        }
     others = {}
     for path in args.scorers[1:]:
         others[scorer_name(path)] = LambdaHarmonicScorer.from_pretrained(path, lambda_=config.lambda_val)
@@ -122,10 +126,15 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
                 for name, other in others.items():
                     val_reward[name] = float(other.score(val_images, val_prompts, lambda_=config.lambda_val).reward.mean())
             scores = {name: sc.score(images, prompts, lambda_=0.5) for name, sc in scorers.items()}
-            dino = (F.normalize(evaluator.dino_features(images), dim=-1) @ ref_features["dino"].T).mean(1)
-            clip_img = F.normalize(evaluator.clip_image_features(images), dim=-1)
-            clip_i = (clip_img @ ref_features["clip"].T).mean(1)
-            clip_t = (clip_img * F.normalize(evaluator.clip_text_features(prompts), dim=-1)).sum(-1)
+            encoded = {}
+            for name, ev in evaluators.items():
+                refs = ref_features[name]
+                clip_img = F.normalize(ev.clip_image_features(images), dim=-1)
+                encoded[name] = {
+                    "dino": (F.normalize(ev.dino_features(images), dim=-1) @ refs["dino"].T).mean(1),
+                    "clip_i": (clip_img @ refs["clip"].T).mean(1),
+                    "clip_t": (clip_img * F.normalize(ev.clip_text_features(prompts), dim=-1)).sum(-1),
+                }
         identity = identity_hits(images, subject, prompts, classifier)
         context = context_hits(images, prompts, classifier)
         for name, sc in scores.items():
@@ -135,12 +144,13 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
                     "prompt": prompt, "seed": seeds[i], "align_i": float(sc.image_alignment[i]),
                     "align_t": float(sc.text_alignment[i]), "identity": identity[i], "context": context[i],
                 })  # fmt: skip
-        for i, prompt in enumerate(prompts):
-            eval_rows.append({
-                "subject": subject_name, "method": method, "step": payload["step"], "prompt": prompt,
-                "seed": seeds[i], "dino": float(dino[i]), "clip_i": float(clip_i[i]), "clip_t": float(clip_t[i]),
-                "identity": identity[i], "context": context[i],
-            })  # fmt: skip
+        for name, enc in encoded.items():
+            for i, prompt in enumerate(prompts):
+                eval_rows.append({
+                    "evaluator": name, "subject": subject_name, "method": method, "step": payload["step"],
+                    "prompt": prompt, "seed": seeds[i], **{k: float(v[i]) for k, v in enc.items()},
+                    "identity": identity[i], "context": context[i],
+                })  # fmt: skip
         id_acc, ctx_acc = sum(identity) / len(identity), sum(context) / len(context)
         steps.append({"step": payload["step"], "val_reward": val_reward, "identity": id_acc,
                       "context": ctx_acc, "truth": ground_truth_quality(id_acc, ctx_acc)})  # fmt: skip
@@ -193,11 +203,11 @@ def report(runs: list[dict[str, Any]], scorer: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def evaluation_report(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def evaluation_report(runs: list[dict[str, Any]], evaluator: str) -> dict[str, Any]:
     """ROC-AUC of each evaluation encoder's score for the judge's verdict it stands for, pooled and within prompt."""
-    rows = [r for run in runs for r in run["eval_rows"]]
+    rows = [r for run in runs for r in run["eval_rows"] if r["evaluator"] == evaluator]
     groups = [(r["subject"], r["prompt"]) for r in rows]
-    rep: dict[str, Any] = {"images": len(rows)}
+    rep: dict[str, Any] = {"evaluator": evaluator, "images": len(rows)}
     for key, target in EVAL_TARGETS.items():
         scores, labels = [r[key] for r in rows], [r[target] for r in rows]
         rep[f"{key}_{target}_auc"] = roc_auc(scores, labels)
@@ -207,7 +217,8 @@ def evaluation_report(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_evaluation_report(rep: dict[str, Any]) -> str:
     lines = [
-        f"evaluation encoders (toy-dino, toy-clip) on the same {rep['images']} images",
+        f"evaluation encoders {rep['evaluator']!r} ({', '.join(EVALUATORS[rep['evaluator']])}) on the same "
+        f"{rep['images']} images",
         "| what | pooled | within prompt |",
         "|---|---|---|",
     ]
@@ -251,6 +262,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images_per_prompt", type=int, default=4)
     p.add_argument("--num_validation_images", type=int, default=4, help="per training prompt (the paper's 4)")
     p.add_argument("--num_eval_images", type=int, default=4, help="per held-out prompt and validation step")
+    p.add_argument("--evaluators", nargs="+", choices=sorted(EVALUATORS), default=sorted(EVALUATORS),
+                   help="sets of evaluation stand-ins (DINO, CLIP) to measure on the same images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
@@ -279,7 +292,7 @@ def main(argv=None) -> int:
     else:
         runs = [run_trajectory(args, s, m) for s, m in todo]
     reports = {scorer_name(path): report(runs, scorer_name(path)) for path in args.scorers}
-    evaluation = evaluation_report(runs)
+    evaluation = {name: evaluation_report(runs, name) for name in args.evaluators}
     summary = {"scorers": reports, "evaluation_encoders": evaluation, "args": {k: v for k, v in vars(args).items() if k != "output_dir"},
                "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     with open(out / "images.csv", "w", newline="") as f:
@@ -293,7 +306,8 @@ def main(argv=None) -> int:
     (out / "fidelity_report.json").write_text(json.dumps(summary, indent=2))
     for rep in reports.values():
         print("\n" + format_report(rep))
-    print("\n" + format_evaluation_report(evaluation))
+    for rep in evaluation.values():
+        print("\n" + format_evaluation_report(rep))
     print(f"\nwrote {out / 'fidelity_report.json'} and {out / 'images.csv'} in {summary['seconds']:.0f}s")
     return 0
 

@@ -11,6 +11,7 @@ TINY_RUN = dict(
     class_noun="dog",
     resolution=32,
     num_inference_steps=2,
+    validation_num_inference_steps=2,
     guidance_scale=2.0,
     images_per_prompt=1,
     num_validation_images=1,

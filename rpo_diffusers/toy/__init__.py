@@ -5,7 +5,9 @@ the bundled models (Stable Diffusion, scorer, evaluation encoders) and the groun
 """
 
 from .models import (
+    DEFAULT_EVALUATOR,
     DEFAULT_SCORER,
+    EVALUATORS,
     SAMPLING,
     AttributeClassifier,
     asset_path,
@@ -24,7 +26,9 @@ from .subjects import SUBJECTS, Subject, get_subject, list_subjects
 from .world import Scene, random_scene, render
 
 __all__ = [
+    "DEFAULT_EVALUATOR",
     "DEFAULT_SCORER",
+    "EVALUATORS",
     "SAMPLING",
     "SUBJECTS",
     "AttributeClassifier",

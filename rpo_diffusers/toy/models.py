@@ -39,11 +39,18 @@ from .world import (
 
 # RPO_TOY_ASSETS points at another build (e.g. a fresh one in /tmp) without touching the package.
 ASSETS_DIR = Path(os.environ.get("RPO_TOY_ASSETS") or Path(__file__).with_name("assets"))
-MODEL_NAMES = ("sd", "scorer", "scorer_domain", "clip_eval", "dino_eval", "classifier")
+MODEL_NAMES = ("sd", "scorer", "scorer_domain", "clip_eval", "dino_eval", "clip_eval_domain", "dino_eval_domain", "classifier")
 # The scorer everything uses by default (``toy-scorer-domain``): trained on the generator's images as well as
 # renders, as a web-scale ALIGN has seen images like a generator's. Its fidelity to the judge on generated
 # images beats the renders-only ``scorer`` (README, "How faithful the toy world is").
 DEFAULT_SCORER = "scorer_domain"
+# The evaluation stand-ins (DINO, CLIP) by name: "renders" learned from renders only, "domain" also from the
+# generator's images and the VAE's round trips (as the scorer_domain is; separate models, seeds and data).
+EVALUATORS: dict[str, tuple[str, str]] = {
+    "renders": ("dino_eval", "clip_eval"),
+    "domain": ("dino_eval_domain", "clip_eval_domain"),
+}
+DEFAULT_EVALUATOR = "renders"
 # One label group per scene attribute; the classifier's id2label holds "group:value" for each.
 ATTRIBUTE_GROUPS: dict[str, tuple[str, ...]] = {
     "shape": SHAPES,
@@ -105,13 +112,14 @@ def load_scorer(root: str | os.PathLike | None = None, **kwargs: Any):
     return LambdaHarmonicScorer.from_pretrained(asset_path(DEFAULT_SCORER, root), **kwargs)
 
 
-def load_evaluator(root: str | os.PathLike | None = None, **kwargs: Any):
-    """DreamBench metrics on the bundled DINO and CLIP stand-ins (not the scorer's model)."""
+def load_evaluator(root: str | os.PathLike | None = None, name: str = DEFAULT_EVALUATOR, **kwargs: Any):
+    """DreamBench metrics on one set of the bundled DINO and CLIP stand-ins (``EVALUATORS``; never the scorer)."""
     from ..metrics import DreamBenchEvaluator
 
-    return DreamBenchEvaluator.from_pretrained(
-        dino=asset_path("dino_eval", root), clip=asset_path("clip_eval", root), **kwargs
-    )
+    if name not in EVALUATORS:
+        raise ValueError(f"Unknown toy evaluator {name!r}; choose one of {sorted(EVALUATORS)}.")
+    dino, clip = EVALUATORS[name]
+    return DreamBenchEvaluator.from_pretrained(dino=asset_path(dino, root), clip=asset_path(clip, root), **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
