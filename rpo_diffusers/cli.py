@@ -215,14 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--dino",
         dest="dino_model",
         default=DEFAULT_DINO,
-        help="DINO ViT: hub id, local folder, or 'toy-dino' (the bundled stand-in)",
+        help="DINO ViT: hub id, local folder, or 'toy-dino-domain' (the bundled stand-in)",
     )
     e.add_argument(
         "--clip_model",
         "--clip",
         dest="clip_model",
         default=DEFAULT_CLIP,
-        help="CLIP for CLIP-I / CLIP-T: hub id, local folder, or 'toy-clip' (the bundled stand-in)",
+        help="CLIP for CLIP-I / CLIP-T: hub id, local folder, or 'toy-clip-domain' (the bundled stand-in)",
     )
     e.add_argument("--identifier", default=DEFAULT_IDENTIFIER, help="identifier token removed from prompts")
     e.add_argument("--device", default="cpu", help="e.g. cuda, cpu")

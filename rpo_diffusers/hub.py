@@ -41,8 +41,8 @@ BUNDLED_MODELS: dict[str, tuple[str, str]] = {
 KIND_TO_BUNDLED = {
     "base model": "toy-sd",
     "scorer": "toy-scorer-domain",
-    "DINO model": "toy-dino",
-    "CLIP model": "toy-clip",
+    "DINO model": "toy-dino-domain",
+    "CLIP model": "toy-clip-domain",
 }
 
 

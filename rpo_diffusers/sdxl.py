@@ -222,10 +222,13 @@ class SDXLComponents(SDXLSizeConditioning, DiffusersComponents):
         return SDXLDenoiser(unet)
 
     @torch.no_grad()
-    def generate(self, prompts, seeds, num_inference_steps, guidance_scale, resolution) -> list[Image.Image]:
-        """The pipeline's sampling, then the VAE decode in the VAE's own dtype with autocast off: SDXL's VAE
-        overflows in float16, and an fp16 run's autocast would otherwise decode in float16 however it is kept."""
-        latents = self.sample(prompts, seeds, num_inference_steps, guidance_scale, resolution, "latent")
+    def generate(
+        self, prompts, seeds, num_inference_steps, guidance_scale, resolution, scheduler: str | None = None
+    ) -> list[Image.Image]:
+        """The pipeline's sampling (with the scheduler named, if any), then the VAE decode in the VAE's own dtype
+        with autocast off: SDXL's VAE overflows in float16, and an fp16 run's autocast would otherwise decode in
+        float16 however it is kept."""
+        latents = self.sample(prompts, seeds, num_inference_steps, guidance_scale, resolution, "latent", scheduler)
         with torch.autocast(self.device.type, enabled=False):
             pixels = self.decode_pixels(latents)
         processor = self.pipeline.image_processor

@@ -62,12 +62,21 @@ def test_entrypoint_lists_every_node_with_valid_schemas():
     # the method is a choice on the same node; optional, so workflows saved before it still run as RPO
     assert train["method"].optional and train["method"].options["options"] == ["rpo", "dreambooth", "dpg"]
     assert train["method"].options["default"] == "rpo" and train["dpg_reward"].optional
-    # validation settings: optional, defaulting to what the node always did (1 image, DDIM at sampling_steps)
-    assert train["validation_images"].optional and train["validation_images"].options["default"] == 1
-    assert train["validation_sampling_steps"].options["default"] == 0
-    assert train["validation_sampler"].options["default"] == "ddim"
+    # validation settings: optional; 1 image per prompt, as the node always did, sampled as the trainer's default
+    # validation samples (20 DPM-Solver++ steps)
     from comfyui_nodes.nodes import VALIDATION_SAMPLERS
     from rpo_diffusers.components import scheduler_class
+    from rpo_diffusers.config import FAST_VALIDATION
+
+    assert train["validation_images"].optional and train["validation_images"].options["default"] == 1
+    steps, sampler = train["validation_sampling_steps"].options["default"], train["validation_sampler"].options["default"]
+    assert steps == FAST_VALIDATION["validation_num_inference_steps"]
+    assert VALIDATION_SAMPLERS[sampler] == FAST_VALIDATION["validation_sampling_scheduler"]
+    # an API prompt without the optional inputs gets the same defaults from execute()'s signature
+    import inspect
+
+    params = inspect.signature(RPOTrain.execute).parameters
+    assert (params["validation_sampling_steps"].default, params["validation_sampler"].default) == (steps, sampler)
 
     assert VALIDATION_SAMPLERS["ddim"] is None  # the trainer's own default
     for name in train["validation_sampler"].options["options"]:  # every choice names a real diffusers scheduler

@@ -123,9 +123,9 @@ def test_readme_score_and_evaluate_run_on_the_demo_output(demo_run, tmp_path, ca
                  "--prompt", "a sks ring in the forest", "--model", "toy-scorer-domain"]) == 0  # fmt: skip
     assert "mean" in capsys.readouterr().out
     assert main(["evaluate", "--images", str(heldout / "rpo"), "--references", str(heldout / "references"),
-                 "--dino", "toy-dino", "--clip", "toy-clip", "--output_dir", str(tmp_path)]) == 0  # fmt: skip
+                 "--dino", "toy-dino-domain", "--clip", "toy-clip-domain", "--output_dir", str(tmp_path)]) == 0  # fmt: skip
     table = json.loads((tmp_path / "dreambench_metrics.json").read_text())
     assert [s["subject"] for s in table["subjects"]] == ["whiteblack_ring"]
     assert len(table["subjects"][0]["prompts"]) == 8
     readme = (REPO / "README.md").read_text()
-    assert "--model toy-scorer-domain" in readme and "--dino toy-dino --clip toy-clip" in readme
+    assert "--model toy-scorer-domain" in readme and "--dino toy-dino-domain --clip toy-clip-domain" in readme

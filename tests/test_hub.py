@@ -95,7 +95,7 @@ def test_offline_hub_id_fails_in_one_line_naming_the_way_out():
     assert isinstance(info.value, FileNotFoundError) and "\n" not in message
     assert "'kakaobrain/align-base'" in message and "HF_HUB_OFFLINE" in message
     assert "local folder" in message and "'toy-scorer-domain'" in message
-    with pytest.raises(ModelNotAvailableError, match="'toy-sd', 'toy-scorer-domain', 'toy-dino', 'toy-clip'"):
+    with pytest.raises(ModelNotAvailableError, match="'toy-sd', 'toy-scorer-domain', 'toy-dino-domain', 'toy-clip-domain'"):
         check_model_path("stable-diffusion-v1-5/stable-diffusion-v1-5")  # no kind: every bundled name
 
 
@@ -113,7 +113,7 @@ def test_a_download_failing_after_the_check_is_the_same_one_line_error(monkeypat
     with pytest.raises(ModelNotAvailableError) as info:
         load_pretrained(AutoConfig.from_pretrained, "rpo-test/not-a-model", kind="CLIP model")
     message = str(info.value)
-    assert "\n" not in message and "'rpo-test/not-a-model'" in message and "'toy-clip'" in message
+    assert "\n" not in message and "'rpo-test/not-a-model'" in message and "'toy-clip-domain'" in message
 
 
 # --- the command line ---------------------------------------------------------------------------------
@@ -175,10 +175,10 @@ def test_evaluate_names_the_model_it_could_not_download(evaluate_folders, tmp_pa
     args = ["evaluate", "--images", str(images), "--references", str(refs), "--output_dir", str(tmp_path)]
     rc, stderr, _ = _run([*args, "--clip", "toy-clip"], {"HF_HUB_OFFLINE": "1"})
     line = _one_line_error(stderr)
-    assert rc == 2 and "the DINO model 'facebook/dino-vits16'" in line and "'toy-dino'" in line
+    assert rc == 2 and "the DINO model 'facebook/dino-vits16'" in line and "'toy-dino-domain'" in line
     rc, stderr, seconds = _run([*args, "--dino", "toy-dino"], _unreachable_env(tmp_path))
     line = _one_line_error(stderr)
-    assert rc == 2 and "the CLIP model 'openai/clip-vit-base-patch16'" in line and "'toy-clip'" in line
+    assert rc == 2 and "the CLIP model 'openai/clip-vit-base-patch16'" in line and "'toy-clip-domain'" in line
     assert seconds < 30
 
 

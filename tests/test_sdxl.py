@@ -188,8 +188,8 @@ def test_validation_at_a_lower_resolution(sdxl_dir, clip_scorer, photos, tmp_pat
     drawn: list[tuple[int, tuple[int, int]]] = []
     generate = trainer.components.generate
 
-    def recording(prompts, seeds, steps, guidance, resolution):
-        images = generate(prompts, seeds, steps, guidance, resolution)
+    def recording(prompts, seeds, steps, guidance, resolution, **kwargs):
+        images = generate(prompts, seeds, steps, guidance, resolution, **kwargs)
         drawn.extend((resolution, im.size) for im in images)
         return images
 

@@ -143,3 +143,15 @@ def test_a_checkpoint_resumes_with_the_other_reference_batching(tiny_sd_dir, tmp
             tiny_sd_dir, tmp_path, clip_scorer, references, max_train_steps=6, resume_from_checkpoint="latest",
             validation_num_inference_steps=1,
         ).train()  # fmt: skip
+
+
+def test_validation_defaults_to_20_dpm_solver_steps_and_the_papers_50_ddim_steps_are_one_setting():
+    """Validation is most of a run: by default it samples 20 DPM-Solver++ steps (the benchmarks measure that it
+    picks the paper's checkpoint); the base model's training images keep the paper's 50 steps."""
+    from rpo_diffusers.config import FAST_VALIDATION, PAPER_VALIDATION, RPOConfig
+
+    cfg = RPOConfig()
+    assert cfg.num_inference_steps == 50
+    assert {k: getattr(cfg, k) for k in FAST_VALIDATION} == FAST_VALIDATION
+    paper = RPOConfig(**PAPER_VALIDATION)
+    assert (paper.validation_num_inference_steps, paper.validation_sampling_scheduler) == (50, "DDIMScheduler")
