@@ -1,4 +1,5 @@
-"""RPOConfig: every setting of a personalization run (RPO, DreamBooth or DPG), with the papers' defaults.
+"""RPOConfig: every setting of a personalization run (RPO, DreamBooth or DPG), with the papers' defaults
+(except the validation's sampler: FAST_VALIDATION by default, PAPER_VALIDATION is the paper's).
 
 A plain dataclass so that ``transformers.HfArgumentParser(RPOConfig)`` can read it from the command line
 or a JSON file, TRL-style. Validation happens in ``__post_init__`` so a bad value fails before any model
