@@ -1,9 +1,6 @@
-"""Stand-in for ``comfy_api.latest.ui``."""
+"""Stand-in for ``comfy_api.latest.ui``: the text a node shows, kept where the tests read it."""
 
 
 class PreviewText:
-    def __init__(self, value: str, **kwargs):
-        self.value = value
-
-    def as_dict(self):
-        return {"text": (self.value,)}
+    def __init__(self, value: str, **kwargs) -> None:
+        self.value = value  # the real class also hands it to the frontend; nothing renders here
