@@ -161,16 +161,27 @@ class DreamBenchEvaluator:
     ) -> PromptScores:
         """Metrics for the images generated from one prompt."""
         refs = reference_features or self.reference_features(reference_images)
-        clip_img = self.clip_image_features(images)
-        text = self.clip_text_features([prompt])
-        clip_t = (F.normalize(clip_img, dim=-1) @ F.normalize(text, dim=-1).T).clamp_min(0).mean()
+        scores = self.image_scores(images, [prompt] * len(images), refs)
         return PromptScores(
             prompt=prompt,
-            num_images=clip_img.shape[0],
-            dino=mean_pairwise_cosine(self.dino_features(images), refs["dino"]),
-            clip_i=mean_pairwise_cosine(clip_img, refs["clip"]),
-            clip_t=float(clip_t),
+            num_images=len(scores["dino"]),
+            dino=float(scores["dino"].mean()),
+            clip_i=float(scores["clip_i"].mean()),
+            clip_t=float(scores["clip_t"].clamp_min(0).mean()),
         )
+
+    def image_scores(
+        self, images: Sequence[ImageInput], prompts: Sequence[str], reference_features: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Per image: DINO and CLIP-I (mean cosine to the references) and CLIP-T (cosine to its prompt, before
+        DreamBench's clamp at 0), the scores :meth:`evaluate_prompt` averages; a fidelity study ranks them."""
+        clip_img = F.normalize(self.clip_image_features(images), dim=-1)
+        refs = {k: F.normalize(v.float(), dim=-1) for k, v in reference_features.items()}
+        return {
+            "dino": (F.normalize(self.dino_features(images), dim=-1) @ refs["dino"].T).mean(1),
+            "clip_i": (clip_img @ refs["clip"].T).mean(1),
+            "clip_t": (clip_img * F.normalize(self.clip_text_features(prompts), dim=-1)).sum(-1),
+        }
 
     def reference_features(self, reference_images: Sequence[ImageInput]) -> dict[str, torch.Tensor]:
         return {

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from rpo_diffusers.config import RPOConfig
 from rpo_diffusers.stats import grouped_auc, roc_auc, spearman
@@ -85,10 +84,7 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
     )  # fmt: skip
     references = subject.reference_images(32)
     with torch.no_grad():
-        ref_features = {
-            name: {k: F.normalize(v, dim=-1) for k, v in ev.reference_features(references).items()}
-            for name, ev in evaluators.items()
-        }
+        ref_features = {name: ev.reference_features(references) for name, ev in evaluators.items()}
     others = {}
     for path in args.scorers[1:]:
         others[scorer_name(path)] = LambdaHarmonicScorer.from_pretrained(path, lambda_=config.lambda_val)
@@ -126,15 +122,7 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
                 for name, other in others.items():
                     val_reward[name] = float(other.score(val_images, val_prompts, lambda_=config.lambda_val).reward.mean())
             scores = {name: sc.score(images, prompts, lambda_=0.5) for name, sc in scorers.items()}
-            encoded = {}
-            for name, ev in evaluators.items():
-                refs = ref_features[name]
-                clip_img = F.normalize(ev.clip_image_features(images), dim=-1)
-                encoded[name] = {
-                    "dino": (F.normalize(ev.dino_features(images), dim=-1) @ refs["dino"].T).mean(1),
-                    "clip_i": (clip_img @ refs["clip"].T).mean(1),
-                    "clip_t": (clip_img * F.normalize(ev.clip_text_features(prompts), dim=-1)).sum(-1),
-                }
+            encoded = {name: ev.image_scores(images, prompts, ref_features[name]) for name, ev in evaluators.items()}
         identity = identity_hits(images, subject, prompts, classifier)
         context = context_hits(images, prompts, classifier)
         for name, sc in scores.items():
