@@ -359,16 +359,17 @@ class PersonalizationTrainer:
         desc: str | None = None,
         event: str | None = None,
         validation: bool = False,
+        settings: RPOConfig | None = None,
     ):
         """Sample ``generation_batch_size`` images at a time with the current weights, with a progress bar
         (``desc``) and a callback ``event`` when given; ``validation`` samples with the validation settings
-        (steps, scheduler, batch size, resolution).
+        (steps, scheduler, batch size, resolution) of ``settings`` (default: this run's config).
 
         Yields each batch as soon as it is drawn, so a caller can save it before the next one starts.
         """
         from tqdm.auto import tqdm
 
-        cfg = self.config
+        cfg = settings or self.config
         steps, scheduler, size, resolution = cfg.num_inference_steps, None, cfg.generation_batch_size, cfg.resolution
         if validation:
             steps = cfg.validation_num_inference_steps or steps
@@ -581,6 +582,17 @@ class PersonalizationTrainer:
     # phase 4: validation and selection
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
+    def validation_scores(self, settings: RPOConfig | None = None) -> tuple[list[Image.Image], Any]:
+        """The current weights' validation images (``num_validation_images`` per validation prompt, fixed seeds)
+        and their :class:`ScoreResult` at λ_val, under ``settings``' validation (default: this run's). Another
+        selection rule on the same training (another sampler, say) sees exactly what its own run would."""
+        cfg = settings or self.config
+        prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
+        seeds = [cfg.seed + 7919 * (1 + i) for i in range(len(prompts))]
+        batches = self._generate_in_batches(prompts, seeds, validation=True, settings=settings)
+        images = [im for batch in batches for im in batch]
+        return images, self.scorer.score(images, prompts, lambda_=cfg.lambda_val)
+
     def validate(self, step: int) -> dict[str, Any]:
         """Mean λ_val reward of ``num_validation_images`` images per validation prompt (fixed seeds)."""
         from accelerate.utils import broadcast_object_list
@@ -589,10 +601,7 @@ class PersonalizationTrainer:
         entry: list[Any] = [None]
         if self.is_main:
             t0 = time.perf_counter()
-            prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
-            seeds = [cfg.seed + 7919 * (1 + i) for i in range(len(prompts))]
-            images = [im for batch in self._generate_in_batches(prompts, seeds, validation=True) for im in batch]
-            scores = self.scorer.score(images, prompts, lambda_=cfg.lambda_val)
+            images, scores = self.validation_scores()
             per_prompt = {
                 p: float(
                     scores.reward[i * cfg.num_validation_images : (i + 1) * cfg.num_validation_images].mean()
@@ -606,6 +615,11 @@ class PersonalizationTrainer:
                 "align_t": float(scores.text_alignment.mean()),
                 "per_prompt": per_prompt,
             }
+            if hasattr(scores, "image_alignment"):  # for callbacks, not the history: another λ_val's reward
+                entry[0]["per_image"] = {
+                    "image_alignment": scores.image_alignment.tolist(),
+                    "text_alignment": scores.text_alignment.tolist(),
+                }
             k = cfg.num_validation_images
             rows = [images[i * k : (i + 1) * k] for i in range(len(cfg.validation_prompts))]
             rewards = scores.reward.tolist()
@@ -643,6 +657,7 @@ class PersonalizationTrainer:
 
     def _record_validation(self, entry: dict[str, Any]) -> bool:
         """Add a validation to the history; returns True when patience says stop."""
+        per_image = entry.pop("per_image", None)
         self.history.append(entry)
         improved = entry["reward"] > self.best_reward
         if improved:
@@ -663,7 +678,8 @@ class PersonalizationTrainer:
                 entry["reward"],
                 " (best)" if improved else "",
             )
-        self._emit("validation", {**entry, "best_step": self.best_step, "best_reward": self.best_reward})
+        extra = {"per_image": per_image} if per_image is not None else {}
+        self._emit("validation", {**entry, "best_step": self.best_step, "best_reward": self.best_reward, **extra})
         patience = self.config.patience
         return patience is not None and self.validations_without_improvement >= patience
 

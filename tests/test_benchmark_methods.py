@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from example_scripts import load_example
 
 from rpo_diffusers.toy import assets_available
@@ -113,3 +114,51 @@ def test_selection_agreement_compares_the_chosen_steps_and_their_ground_truth():
     # outside the toy world the λ-harmonic reward is the quality: equal here
     assert bench.selection_agreement(rows, *bench.SELECTION_PAIRS[0], toy=False)["max_abs_diff"] == 0
     assert bench.selection_agreement(rows, "rpo_lambda0.5", "dreambooth", toy=True) is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not assets_available(), reason="the toy world's models are not built")
+def test_methods_that_read_a_shared_run_match_runs_of_their_own(tmp_path):
+    # one training, several selections: another λ_val (the run's images rescored), the last step, and another
+    # validation sampler (its own images) must give what a run of their own gives, weights included
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    bench = load_benchmark()
+    args = bench.parse_args(["--quick", "--output_dir", str(tmp_path), "--max_train_steps", "40",
+                             "--validation_steps", "20"])  # fmt: skip
+    subject = bench.toy_subjects(["redblue_ball"])[0]
+    by_name = {m.name: m for m in bench.METHODS}
+    readers = [by_name[n] for n in ("rpo_lambda0.3", "pref_no_es", "rpo_paper_val")]
+    shared = bench.train_and_load(args, subject, by_name["rpo_lambda0.5"], tmp_path / "shared" / "rpo_lambda0.5", readers)
+    assert list(shared) == ["rpo_lambda0.5", "rpo_lambda0.3", "pref_no_es", "rpo_paper_val"]
+    assert shared["pref_no_es"][1]["best_step"] == 40  # no early stopping: the last step
+    for m in readers:
+        alone = bench.train_and_load(args, subject, replace(m, trained_by=None), tmp_path / "alone" / m.name)[m.name][1]
+        info = shared[m.name][1]
+        assert info["best_step"] == alone["best_step"], m.name
+        assert [h["reward"] for h in info["history"]] == [h["reward"] for h in alone["history"]], m.name
+        assert info["history"][-1]["per_prompt"] == alone["history"][-1]["per_prompt"], m.name
+        assert "per_image" not in alone["history"][-1]  # the callbacks' per-image scores stay out of the history
+        mine = load_file(tmp_path / "shared" / m.name / "unet" / "diffusion_pytorch_model.safetensors")
+        theirs = load_file(tmp_path / "alone" / m.name / "unet" / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), m.name
+    # another sampler's rewards are its own images', not the run's rescored
+    paper = [h["reward"] for h in shared["rpo_paper_val"][1]["history"]]
+    assert paper != [h["reward"] for h in shared["rpo_lambda0.5"][1]["history"]]
+
+
+def test_only_selection_settings_may_differ_in_a_shared_run():
+    bench = load_benchmark()
+    bench.check_shared_runs()  # the bundled METHODS
+    bad = bench.Method("x", "x", {"pref_loss_weight": 0.0, "lambda_val": 0.3}, trained_by="rpo_lambda0.5")
+    with pytest.raises(ValueError, match="differs from rpo_lambda0.5 in training settings"):
+        bench.check_shared_runs([*bench.METHODS, bad])
+    chained = bench.Method("y", "y", {"lambda_val": 0.3}, trained_by="rpo_lambda0.3")
+    with pytest.raises(ValueError, match="must name a method that trains its own run"):
+        bench.check_shared_runs([*bench.METHODS, chained])
+    runs = bench.training_runs([m for m in bench.METHODS if m.name in ("es_no_pref", "rpo_lambda0.7", "base")])
+    assert [(m.name, [r.name for r in readers]) for m, readers in runs] == [
+        ("base", []), ("dreambooth", ["es_no_pref"]), ("rpo_lambda0.5", ["rpo_lambda0.7"])
+    ]

@@ -21,6 +21,12 @@ Methods (each trains from the same base model with the same seed; see METHODS):
                     never the evaluation DINO (toy world: the scorer's image tower), the last step
   dpg_lambda        DPG with the λ-harmonic reward of the scorer on the look-forward image, the last step
 
+Methods that differ only in which step they export (SELECTION_FIELDS: es_no_pref from dreambooth's run; pref_no_es,
+rpo_lambda0.3/0.7 and rpo_paper_val from rpo_lambda0.5's) select from that run instead of training again: the same
+weights step for step, their own rewards (the run's validation images rescored at their λ_val, or their own
+images for another validation sampler), so 6 trainings give the 11 trained rows. Their wall time is what a run of
+their own would take.
+
 Validation (what early stopping sees) uses the training prompts; evaluation uses each subject's held-out
 prompts, with the same seeds for every method. Columns: DINO, CLIP-I, CLIP-T (evaluation encoders, never the
 scorer), the λ-harmonic reward at λ 0.5 (the scorer), and on the toy world the ground-truth identity and
@@ -59,6 +65,20 @@ class Method:
     name: str
     label: str
     overrides: dict[str, Any] | None  # RPOConfig fields; None = the base model, untrained
+    # another method whose training run this one selects from: the two differ only in SELECTION_FIELDS, so a run
+    # of their own would train the same weights step for step (validation draws from its own seeds)
+    trained_by: str | None = None
+
+
+# RPOConfig fields that decide only which validated step is exported, never the weights a step has
+SELECTION_FIELDS = frozenset(
+    {"lambda_val", "early_stopping", "validation_num_inference_steps", "validation_sampling_scheduler"}
+)
+# what a validation's images depend on: a selection with the same values rescores the run's own images
+VALIDATION_FIELDS = (
+    "validation_prompts", "num_validation_images", "seed", "validation_num_inference_steps",
+    "validation_sampling_scheduler", "validation_resolution", "validation_batch_size", "guidance_scale",
+)  # fmt: skip
 
 
 METHODS: tuple[Method, ...] = (
@@ -69,14 +89,21 @@ METHODS: tuple[Method, ...] = (
         "DreamBooth + prior",
         {"pref_loss_weight": 0.0, "early_stopping": False, "with_prior_preservation": True},
     ),
-    Method("pref_no_es", "L_pref, no early stop", {"early_stopping": False}),
-    Method("es_no_pref", "early stop, no L_pref", {"pref_loss_weight": 0.0, "lambda_val": 0.5}),
-    Method("rpo_lambda0.3", "RPO λ_val 0.3", {"lambda_val": 0.3}),
+    Method("pref_no_es", "L_pref, no early stop", {"early_stopping": False}, trained_by="rpo_lambda0.5"),
+    Method(
+        "es_no_pref", "early stop, no L_pref", {"pref_loss_weight": 0.0, "lambda_val": 0.5}, trained_by="dreambooth"
+    ),
+    Method("rpo_lambda0.3", "RPO λ_val 0.3", {"lambda_val": 0.3}, trained_by="rpo_lambda0.5"),
     Method("rpo_lambda0.5", "RPO λ_val 0.5", {"lambda_val": 0.5}),
-    Method("rpo_lambda0.7", "RPO λ_val 0.7", {"lambda_val": 0.7}),
-    # the same training as rpo_lambda0.5 (validation draws from its own seeds), chosen by the paper's 50 DDIM
-    # validation steps instead of the default 20 DPM-Solver++ steps: does the default pick as good a step?
-    Method("rpo_paper_val", "RPO λ_val 0.5, paper's validation", {"lambda_val": 0.5, **PAPER_VALIDATION}),
+    Method("rpo_lambda0.7", "RPO λ_val 0.7", {"lambda_val": 0.7}, trained_by="rpo_lambda0.5"),
+    # rpo_lambda0.5's training chosen by the paper's 50 DDIM validation steps instead of the default 20
+    # DPM-Solver++ steps (its own validation images): does the default pick as good a step?
+    Method(
+        "rpo_paper_val",
+        "RPO λ_val 0.5, paper's validation",
+        {"lambda_val": 0.5, **PAPER_VALIDATION},
+        trained_by="rpo_lambda0.5",
+    ),
     # DPG (DreamBooth + a look-forward reward through a critic), a fixed number of steps as its paper trains
     Method("dpg_latent", "DPG look forward", {"method": "dpg", "dpg_reward": "latent", "early_stopping": False}),
     Method(
@@ -154,23 +181,126 @@ def run_config(args: argparse.Namespace, subject: BenchSubject, method: Method, 
     return RPOConfig(**settings)
 
 
-def train_and_load(args, subject: BenchSubject, method: Method, run_dir: Path):
-    """The pipeline a method ends with, and what its training reported."""
+def training_settings(method: Method) -> dict[str, Any]:
+    return {k: v for k, v in (method.overrides or {}).items() if k not in SELECTION_FIELDS}
+
+
+def training_runs(methods: Sequence[Method]) -> list[tuple[Method, list[Method]]]:
+    """The training runs ``methods`` need, in METHODS order: (the method that trains, the requested methods that
+    select from its run). A trained_by method brings its trainer's run even when that method is not requested."""
+    by_name = {m.name: m for m in METHODS}
+    runs: dict[str, list[Method]] = {}
+    for m in sorted(methods, key=lambda m: METHODS.index(by_name[m.trained_by or m.name])):
+        runs.setdefault(m.trained_by or m.name, [])
+        if m.trained_by:
+            runs[m.trained_by].append(m)
+    return [(by_name[name], readers) for name, readers in runs.items()]
+
+
+def check_shared_runs(methods: Sequence[Method] = METHODS) -> None:
+    """A method may read another's run only if nothing but its selection differs."""
+    by_name = {m.name: m for m in methods}
+    for m in methods:
+        if m.trained_by is None:
+            continue
+        trainer = by_name.get(m.trained_by)
+        if trainer is None or trainer.trained_by is not None or trainer.overrides is None:
+            raise ValueError(f"{m.name}: trained_by={m.trained_by!r} must name a method that trains its own run.")
+        if training_settings(m) != training_settings(trainer):
+            raise ValueError(
+                f"{m.name} differs from {trainer.name} in training settings, not only in {sorted(SELECTION_FIELDS)}:"
+                f" {training_settings(m)} vs {training_settings(trainer)}; give it a run of its own."
+            )
+
+
+class SharedSelection:
+    """The methods that select from another method's training run: at each of the run's validations, each one's
+    own reward of the same weights (the run's validation images rescored at its λ_val, or its own validation
+    images where its validation settings differ), so its history, chosen step and weights are what a run of its
+    own would have given. Without early stopping a method takes the last step, as the trainer does."""
+
+    def __init__(self, trainer, configs: dict[str, RPOConfig]) -> None:
+        self.trainer, self.configs = trainer, configs
+        self.history: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+        self.best: dict[str, tuple[float, int, dict[str, torch.Tensor] | None]] = {}
+        self.validation_s = dict.fromkeys(configs, 0.0)
+        run = trainer.config
+        self.rescored = {
+            name: all(getattr(cfg, f) == getattr(run, f) for f in VALIDATION_FIELDS) for name, cfg in configs.items()
+        }
+
+    @torch.no_grad()
+    def __call__(self, event: str, payload: dict[str, Any]) -> None:
+        from rpo_diffusers.rewards import lambda_harmonic
+
+        if event != "validation":
+            return
+        state = None  # one copy of the weights per validation, shared by every method that keeps them
+        for name, cfg in self.configs.items():
+            if self.rescored[name]:
+                per_image = payload["per_image"]
+                align_i = torch.tensor(per_image["image_alignment"])
+                align_t = torch.tensor(per_image["text_alignment"])
+                reward = lambda_harmonic(align_i, align_t, cfg.lambda_val).float()
+            else:
+                t0 = time.perf_counter()
+                _, scores = self.trainer.validation_scores(cfg)
+                align_i, align_t, reward = scores.image_alignment, scores.text_alignment, scores.reward
+                self.validation_s[name] += time.perf_counter() - t0
+            k = cfg.num_validation_images
+            entry = {
+                "step": payload["step"], "reward": float(reward.mean()), "align_i": float(align_i.mean()),
+                "align_t": float(align_t.mean()),
+                "per_prompt": {p: float(reward[i * k : (i + 1) * k].mean()) for i, p in enumerate(cfg.validation_prompts)},
+            }  # fmt: skip
+            self.history[name].append(entry)
+            if not cfg.early_stopping:  # the last step: the trainer's weights when the run ends
+                self.best[name] = (entry["reward"], entry["step"], None)
+            elif name not in self.best or entry["reward"] > self.best[name][0]:
+                state = state if state is not None else self.trainer.components.trainable_state_dict()
+                self.best[name] = (entry["reward"], entry["step"], state)
+
+    def export(self, name: str, run_dir: Path) -> int:
+        """Write ``name``'s chosen weights as the trainer exports a result; returns the chosen step. Call
+        :meth:`run_ended` first: exports load other weights into the model."""
+        _, step, state = self.best[name]
+        self.trainer.components.load_trainable_state_dict(state if state is not None else self.last)
+        self.trainer.components.export(run_dir, {"best_step": step})
+        return step
+
+    def run_ended(self) -> None:
+        """Keep the weights the run ended with: the last step, for the methods without early stopping."""
+        self.last = self.trainer.components.trainable_state_dict()
+
+
+def train_and_load(
+    args, subject: BenchSubject, method: Method, run_dir: Path, readers: Sequence[Method] = ()
+) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Per method name (``method``, then each of ``readers``, which select from its run): the pipeline it ends
+    with and what its training reported. A reader's wall time is its own run's: the shared run's, with its own
+    validation in place of the run's where it has one."""
     from rpo_diffusers.trainer import RPOTrainer
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     if method.overrides is None:
-        return load_result_pipeline(args.model, dtype=dtype), {
-            "wall_s": 0.0,
-            "best_step": None,
-            "history": [],
-        }
+        return {method.name: (load_result_pipeline(args.model, dtype=dtype), {"wall_s": 0.0, "best_step": None,
+                                                                               "history": []})}  # fmt: skip
     config = run_config(args, subject, method, run_dir)
+    trainer = RPOTrainer(config, reference_images=subject.references)
+    shared = SharedSelection(trainer, {m.name: run_config(args, subject, m, run_dir.parent / m.name) for m in readers})
+    trainer.callbacks.append(shared)
     t0 = time.perf_counter()
-    result = RPOTrainer(config, reference_images=subject.references).train()
-    wall = time.perf_counter() - t0
-    pipe = load_result_pipeline(args.model, run_dir, args.use_lora, dtype)
-    return pipe, {"wall_s": wall, "best_step": result.best_step, "history": result.history}
+    result = trainer.train()
+    wall = time.perf_counter() - t0 - sum(shared.validation_s.values())
+    shared.run_ended()
+    out = {method.name: (load_result_pipeline(args.model, run_dir, args.use_lora, dtype),
+                         {"wall_s": wall, "best_step": result.best_step, "history": result.history})}  # fmt: skip
+    for m in readers:
+        step = shared.export(m.name, run_dir.parent / m.name)
+        own = 0.0 if shared.rescored[m.name] else shared.validation_s[m.name] - trainer.timings["validation"]
+        out[m.name] = (load_result_pipeline(args.model, run_dir.parent / m.name, args.use_lora, dtype),
+                       {"wall_s": wall + own, "best_step": step, "history": shared.history[m.name]})  # fmt: skip
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -463,30 +593,33 @@ def run_subject(
     if _JUDGES is None:
         _JUDGES = load_judges(args)
     out = Path(args.output_dir)
+    wanted = {m.name for m in methods}
     rows = []
-    for method in methods:
+    for method, readers in training_runs(methods):
         run_dir = out / "runs" / subject.name / method.name
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        pipe, info = train_and_load(args, subject, method, run_dir)
-        images = generate_images(
-            pipe, subject.eval_prompts, args.num_eval_images, seed=args.seed, resolution=args.resolution,
-            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-        )  # fmt: skip
-        del pipe
-        row = {"subject": subject.name, "method": method.name, "best_step": info["best_step"]}
-        row.update(_JUDGES.score(subject.references, images, subject.name, subject.toy))
-        row["wall_s"] = info["wall_s"]
-        row["history"] = info["history"]
-        rows.append(row)
-        make_image_grid([ims[0] for ims in images.values()], rows=1).save(
-            run_dir.parent / f"{method.name}.png"
-        )
-        shown = ", ".join(f"{k} {row[k]:.3f}" for k in METRICS if k in row and k != "wall_s")
-        print(f"{subject.name:>18} {method.name:>16}: {shown}, chosen step {info['best_step']}, "
-              f"{info['wall_s']:.0f}s", flush=True)  # fmt: skip
-        if not args.keep_models and run_dir.exists():
-            for f in run_dir.rglob("*.safetensors"):
-                f.unlink()
+        results = train_and_load(args, subject, method, run_dir, readers)
+        for name, (pipe, info) in results.items():
+            if name not in wanted:  # trained only for its readers
+                continue
+            images = generate_images(
+                pipe, subject.eval_prompts, args.num_eval_images, seed=args.seed, resolution=args.resolution,
+                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+            )  # fmt: skip
+            row = {"subject": subject.name, "method": name, "best_step": info["best_step"]}
+            row.update(_JUDGES.score(subject.references, images, subject.name, subject.toy))
+            row["wall_s"] = info["wall_s"]
+            row["history"] = info["history"]
+            rows.append(row)
+            make_image_grid([ims[0] for ims in images.values()], rows=1).save(run_dir.parent / f"{name}.png")
+            shown = ", ".join(f"{k} {row[k]:.3f}" for k in METRICS if k in row and k != "wall_s")
+            print(f"{subject.name:>18} {name:>16}: {shown}, chosen step {info['best_step']}, "
+                  f"{info['wall_s']:.0f}s", flush=True)  # fmt: skip
+        del results
+        if not args.keep_models:
+            for name in (method.name, *(m.name for m in readers)):
+                for f in (run_dir.parent / name).rglob("*.safetensors"):
+                    f.unlink()
     return rows
 
 
@@ -499,6 +632,7 @@ def main(argv=None) -> int:
         if args.toy
         else dreambench_subjects(Path(args.dreambench_dir), args.subjects, args.identifier)
     )
+    check_shared_runs()
     methods = [m for m in METHODS if args.methods is None or m.name in args.methods]
     print(
         f"{len(subjects)} subjects x {len(methods)} methods, {args.jobs} job(s); results in {out}", flush=True
