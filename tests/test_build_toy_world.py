@@ -42,6 +42,10 @@ def test_two_processes_share_the_report_and_rebuilds_are_identical(tmp_path):
         assert report[stage]["seconds"] > 0, stage
     for stage in ("scorer_domain", "clip_eval_domain"):
         assert report[stage]["generator_samples"] > 0 and report[stage]["final_image_loss"] > 0
+    # the scorer also learns from the generator's redraws of its renders: one more view of each render
+    assert report["scorer_domain"]["generator_redraws"] > 0
+    assert report["clip_eval_domain"]["generator_redraws"] == 0
+    assert report["scorer_domain"]["images"] == report["clip_eval_domain"]["images"] + report["scorer_domain"]["generator_redraws"]
     # the evaluation stand-ins are models of their own: never the scorer's weights, nor each other's renders-only twin
     weights = {stage: (shared / stage / "model.safetensors").read_bytes() for stage in ("clip_eval", *domain)}
     assert len(set(weights.values())) == len(weights)

@@ -389,11 +389,16 @@ class ScorerViews:
     hard_anchor: torch.Tensor
 
 
-def domain_scorer_data(out: Path, n: int, n_generated: int, seed: int = 2) -> tuple[torch.Tensor, list[str], ScorerViews]:
+def domain_scorer_data(
+    out: Path, n: int, n_generated: int, seed: int = 2, redraws: bool = False
+) -> tuple[torch.Tensor, list[str], ScorerViews]:
     """What the ALIGN stand-in learns from, as a web-scale model has seen images like the generator's:
     renders of every appearance (the held-out split look included), the same looks in other contexts, the
     same colours in another pattern (hard negatives), the bundled VAE's round trips of all of these, and the
-    bundled generator's own samples of base-distribution captions. Needs the vae and sd stages."""
+    bundled generator's own samples of base-distribution captions. With ``redraws`` also the generator's
+    partial redraws of the renders (:func:`generator_roundtrips`), paired with their render and with the look in
+    another context: a fine-tuned model's image of the subject carries the generator's colour drift and blur,
+    and the image tower must still find the subject in it. Needs the vae and sd stages."""
     from dataclasses import replace
 
     from diffusers import StableDiffusionPipeline
@@ -422,33 +427,49 @@ def domain_scorer_data(out: Path, n: int, n_generated: int, seed: int = 2) -> tu
     generated = generate(pipe, [sc.caption() for sc in gen_scenes], seed=9_000_000)
     log(f"scorer_domain data: {n_generated} generator samples in {time.perf_counter() - t:.0f}s")
     gen_pixels = torch.from_numpy(np.stack([np.asarray(im) for im in generated])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    pool = torch.cat([renders, twins, hard, round_trips, gen_pixels, draw(gen_scenes, 9_500_000)])
+    pool = [renders, twins, hard, round_trips, gen_pixels, draw(gen_scenes, 9_500_000)]
     captions = [sc.caption() for sc in (*scenes, *elsewhere, *other_look, *scenes, *elsewhere, *other_look, *gen_scenes, *gen_scenes)]
     r = torch.arange(n)
     render_i, twin_i, hard_i = r, n + r, 2 * n + r
     rt_render, rt_twin, rt_hard = 3 * n + r, 4 * n + r, 5 * n + r
     g = torch.arange(n_generated)
     gen_i, gen_render = 6 * n + g, 6 * n + n_generated + g
+    first, second = [render_i, rt_render, render_i, gen_i], [twin_i, twin_i, rt_twin, gen_render]
+    if redraws:
+        pool.append(generator_roundtrips(out, renders, scenes, seed=29))
+        captions += [sc.caption() for sc in scenes]
+        redraw_i = 6 * n + 2 * n_generated + r
+        first, second = [*first, redraw_i, redraw_i], [*second, twin_i, render_i]
     views = ScorerViews(
-        first=torch.cat([render_i, rt_render, render_i, gen_i]),
-        second=torch.cat([twin_i, twin_i, rt_twin, gen_render]),
+        first=torch.cat(first),
+        second=torch.cat(second),
         hard=torch.cat([hard_i, rt_hard]),
         hard_anchor=torch.cat([render_i, rt_render]),
     )
-    return pool, captions, views
+    return torch.cat(pool), captions, views
 
 
 def build_domain_clip(
-    out: Path, key: str, n: int, n_generated: int, steps: int, report: dict, *, data_seed: int, shape: tuple[int, ...]
+    out: Path,
+    key: str,
+    n: int,
+    n_generated: int,
+    steps: int,
+    report: dict,
+    *,
+    data_seed: int,
+    shape: tuple[int, ...],
+    redraws: bool = False,
 ) -> None:
     """A CLIPModel that has also seen the generator's domain: ``scorer_domain`` (the scorer's shape) and
     ``clip_eval_domain`` (the evaluation CLIP's shape), each from its own sample of the world (``data_seed``),
-    the VAE's round trips and the generator's samples. ``shape`` is ``_clip``'s (seed, hidden, layers, patch)."""
+    the VAE's round trips and the generator's samples (and with ``redraws`` its partial redraws of renders).
+    ``shape`` is ``_clip``'s (seed, hidden, layers, patch)."""
     t = time.perf_counter()
-    pool, captions, views = domain_scorer_data(out, n, n_generated, seed=data_seed)
+    pool, captions, views = domain_scorer_data(out, n, n_generated, seed=data_seed, redraws=redraws)
     log(f"{key} data: {len(pool)} images in {time.perf_counter() - t:.0f}s")
     _clip(out / key, pool, captions, steps, *shape, key, report, views=views)
-    report[key].update(images=len(pool), generator_samples=n_generated)
+    report[key].update(images=len(pool), generator_samples=n_generated, generator_redraws=n if redraws else 0)
 
 
 def _labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
@@ -895,7 +916,7 @@ def main(argv=None) -> None:
         "scorer": (lambda: _clip(out / "scorer", scorer_data()[0], [sc.caption() for sc in scorer_data()[1]], steps(800),
                                  11, 64, 3, 4, "scorer", report), out / "scorer" / "config.json"),
         "scorer_domain": (lambda: build_domain_clip(out, "scorer_domain", n, n_generated, steps(800), report, data_seed=2,
-                                                    shape=(11, 64, 3, 4)), out / "scorer_domain" / "config.json"),
+                                                    shape=(11, 64, 3, 4), redraws=True), out / "scorer_domain" / "config.json"),
         "clip_eval": (lambda: _clip(out / "clip_eval", judge()[0], [sc.caption() for sc in judge()[1]], steps(800), 12, 96,
                                     2, 8, "clip_eval", report), out / "clip_eval" / "config.json"),
         "dino_eval": (lambda: build_dino(out, *judge(), steps(600), report), out / "dino_eval" / "config.json"),
