@@ -118,7 +118,8 @@ class PersonalizationTrainer:
             ``config.scorer_model_name_or_path``.
         reference_images: the subject's photos (PIL/numpy/torch) or ``None`` to read ``config.instance_data_dir``.
         accelerator: an ``accelerate.Accelerator`` to use; by default one is built from the config.
-        callbacks: called as ``callback(event, payload)`` for ``"step"`` and ``"validation"`` events; a callback
+        callbacks: called as ``callback(event, payload)`` for ``"step"`` and ``"validation"`` events (the latter
+            with the history entry, the best step so far and ``per_image`` ALIGN-I / ALIGN-T lists); a callback
             may raise to stop training (ComfyUI's interrupt does), the best model so far is still exported.
         objective: the method's :class:`~rpo_diffusers.objectives.Objective`, for one built by hand (e.g.
             ``DPGObjective(config, reward_fn=my_reward)``); by default ``config.method``'s.
@@ -593,6 +594,7 @@ class PersonalizationTrainer:
         images = [im for batch in batches for im in batch]
         return images, self.scorer.score(images, prompts, lambda_=cfg.lambda_val)
 
+    @torch.no_grad()
     def validate(self, step: int) -> dict[str, Any]:
         """Mean λ_val reward of ``num_validation_images`` images per validation prompt (fixed seeds)."""
         from accelerate.utils import broadcast_object_list
@@ -614,12 +616,12 @@ class PersonalizationTrainer:
                 "align_i": float(scores.image_alignment.mean()),
                 "align_t": float(scores.text_alignment.mean()),
                 "per_prompt": per_prompt,
-            }
-            if hasattr(scores, "image_alignment"):  # for callbacks, not the history: another λ_val's reward
-                entry[0]["per_image"] = {
+                # for callbacks, not the history: another λ_val's reward of the same images
+                "per_image": {
                     "image_alignment": scores.image_alignment.tolist(),
                     "text_alignment": scores.text_alignment.tolist(),
-                }
+                },
+            }
             k = cfg.num_validation_images
             rows = [images[i * k : (i + 1) * k] for i in range(len(cfg.validation_prompts))]
             rewards = scores.reward.tolist()
