@@ -18,8 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.skipif(not assets_available(), reason="the toy world's models are not built")
 def test_quick_fidelity_report_follows_from_the_judged_images(tmp_path):
+    from rpo_diffusers.toy import asset_path
+
     module = load_example("toy_fidelity")
-    assert module.main(["--quick", "--output_dir", str(tmp_path)]) == 0
+    # the judge as its own twin: the ceiling measurement must find full agreement
+    assert module.main(["--quick", "--output_dir", str(tmp_path), "--judge_twins", str(asset_path("classifier"))]) == 0
 
     summary = json.loads((tmp_path / "fidelity_report.json").read_text())
     report = summary["scorers"][DEFAULT_SCORER]
@@ -65,6 +68,17 @@ def test_quick_fidelity_report_follows_from_the_judged_images(tmp_path):
                 assert evaluation[f"{score}_{target}_auc"] == pytest.approx(roc_auc(values, labels))
         by_set[name] = sorted((r["step"], r["prompt"], r["seed"], r["dino"]) for r in eval_rows)
     assert by_set["renders"] != by_set["domain"]
+
+    # the twin scored the same images; the judge as its own twin agrees on every verdict, and its probabilities
+    # rank its own verdicts (the AUCs follow from the rows)
+    twin = summary["judge_twins"]["classifier"]
+    with (tmp_path / "twin_images.csv").open() as fh:
+        twin_rows = list(csv.DictReader(fh))
+    assert sorted(tuple(r[k] for k in key) for r in twin_rows) == sorted(tuple(r[k] for k in key) for r in rows)
+    assert all(r["twin_identity"] == r["identity"] and r["twin_context"] == r["context"] for r in twin_rows)
+    assert twin["identity_agreement"] == twin["context_agreement"] == 1.0
+    assert twin["identity_auc"] == pytest.approx(roc_auc([float(r["identity_p"]) for r in twin_rows], identity))
+    assert twin["identity_auc"] > 0.9
 
 
 @pytest.mark.slow

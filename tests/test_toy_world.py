@@ -198,6 +198,32 @@ def test_identity_and_context_hits_follow_the_classifier(tmp_path):
         context_accuracy(images, ["a sks ball"], clf)
 
 
+def test_identity_and_context_probabilities_rank_as_the_verdicts(tmp_path):
+    """The continuous scores behind ``toy_fidelity.py --judge_twins``: the classifier's probability of exactly
+    what the verdict checks, so a probability above one half for every expected attribute means a hit."""
+    from rpo_diffusers.toy.models import context_probabilities, identity_probabilities
+
+    subject = get_subject("redblue_ball")
+    clf = _biased_classifier(
+        tmp_path, shape="ball", color="red", color2="blue", pattern=SPLIT, background="moon", accessory="none",
+        style="photo",
+    )  # fmt: skip
+    images = subject.reference_images()[:2]
+    prompts = ["a sks ball on the moon", "a green sks ball"]
+    probs = clf.probabilities(images)
+    assert set(probs[0]) == set(clf.groups) and sum(probs[0]["color"].values()) == pytest.approx(1.0)
+    identity = identity_probabilities(images, subject, prompts, clf)
+    assert identity[0] == pytest.approx(probs[0]["pattern"][SPLIT] * probs[0]["color"]["red"]) and identity[0] > 0.5
+    assert identity[1] == pytest.approx(probs[1]["pattern"][SPLIT] * probs[1]["color"]["green"]) and identity[1] < 0.5
+    assert identity_hits(images, subject, prompts, clf) == [p > 0.5 for p in identity]
+    context = context_probabilities(images, ["a sks ball on the moon", "a sks ball on the beach"], clf)
+    assert context[0] > 0.5 > context[1]
+    # a colour-change prompt's context includes the new colour
+    assert context_probabilities(images[:1], ["a green sks ball on the moon"], clf)[0] < context[0]
+    with pytest.raises(ValueError, match="one prompt per image"):
+        identity_probabilities(images, subject, prompts[:1], clf)
+
+
 def test_missing_assets_name_the_build_command(tmp_path):
     assert not assets_available(tmp_path)
     with pytest.raises(FileNotFoundError, match="build_toy_world.py"):

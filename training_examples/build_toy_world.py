@@ -18,6 +18,8 @@ Stages (each saved with ``save_pretrained`` as soon as it is done, and skipped w
   clip_eval_domain, dino_eval_domain  the two evaluation stand-ins, also trained on the generator's domain (as
               scorer_domain is), each from its own sample of the world and with its own seed and shape; need vae, sd
   classifier  ground-truth attribute classifier (ResNetForImageClassification, one label group per attribute)
+  judge_twin  the classifier's recipe on another sample and seeds: a measurement of how far two judges agree
+              (``toy_fidelity.py --judge_twins``), the ceiling for any stand-in; not part of the default build
 
 Every stage writes its losses and timings to ``build_report.json`` next to the models.
 """
@@ -603,23 +605,29 @@ def generator_roundtrips(
     return torch.cat(done)
 
 
-def build_classifier(out: Path, data, scenes, steps: int, report: dict) -> None:
+def build_classifier(
+    out: Path, data, scenes, steps: int, report: dict, key: str = "classifier", seeds: tuple[int, int, int] = (5, 6, 21)
+) -> None:
     """The ground-truth judge: one label group per scene attribute ("shape:ball", "background:beach", ...),
     trained on renders and on their VAE round trips, so that it reads what the pipeline can draw. A small
-    ResNet: convolutions read shapes and patterns at 32 px far better than a ViT of the same cost."""
+    ResNet: convolutions read shapes and patterns at 32 px far better than a ViT of the same cost.
+
+    ``seeds`` (weights, batches, the generator's redraws) with another ``key`` give ``judge_twin``: the same
+    recipe on its own sample of the world, the most a learned model can agree with the judge (a measurement,
+    never bundled)."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
     labels = [f"{g}:{v}" for g, values in ATTRIBUTE_GROUPS.items() for v in values]
-    torch.manual_seed(5)
+    torch.manual_seed(seeds[0])
     model = ResNetForImageClassification(ResNetConfig(
         embedding_size=32, hidden_sizes=[48, 96, 192], depths=[1, 2, 1], layer_type="basic", downsample_in_first_stage=False,
         num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)},
     ))  # fmt: skip
-    alt = (vae_roundtrips(out, data), generator_roundtrips(out, data, scenes))
-    losses = train_attributes(model, None, data, scenes, list(ATTRIBUTE_GROUPS), steps, 6, "classifier", alt)
-    model.save_pretrained(out / "classifier")
-    _vit_processor().save_pretrained(out / "classifier")
-    report["classifier"] = {"steps": steps, "final_loss": float(np.mean(losses[-100:]))}
+    alt = (vae_roundtrips(out, data), generator_roundtrips(out, data, scenes, seed=seeds[2]))
+    losses = train_attributes(model, None, data, scenes, list(ATTRIBUTE_GROUPS), steps, seeds[1], key, alt)
+    model.save_pretrained(out / key)
+    _vit_processor().save_pretrained(out / key)
+    report[key] = {"steps": steps, "final_loss": float(np.mean(losses[-100:]))}
 
 
 def build_dino(out: Path, data, scenes, steps: int, report: dict, key: str = "dino_eval", domain: bool = False) -> None:
@@ -852,16 +860,18 @@ STAGES = (
     "clip_eval_domain",
     "dino_eval_domain",
     "classifier",
+    "judge_twin",
     "evaluate",
     "overfit",
 )
+MEASUREMENT_STAGES = ("judge_twin",)  # built only when named: they measure the world, they are not part of it
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="rpo_diffusers/toy/assets")
     parser.add_argument("--quick", action="store_true", help="tiny data and step counts: a smoke test")
-    parser.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--stages", nargs="*", default=[s for s in STAGES if s not in MEASUREMENT_STAGES], choices=STAGES)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     parser.add_argument(
         "--overfit_steps", type=int, default=400, help="DreamBooth steps of the overfit check"
@@ -928,6 +938,11 @@ def main(argv=None) -> None:
         "dino_eval_domain": (lambda: build_dino(out, *make_dataset(n, seed=4, sampler=classifier_scene), steps(600), report,
                                                 key="dino_eval_domain", domain=True), out / "dino_eval_domain" / "config.json"),
         "classifier": (lambda: build_classifier(out, *judge(), steps(2000), report), out / "classifier" / "config.json"),
+        # the judge's recipe on its own sample (seed 6) and seeds: how far two such judges agree (toy_fidelity.py
+        # --judge_twins); not bundled
+        "judge_twin": (lambda: build_classifier(out, *make_dataset(n, seed=6, sampler=classifier_scene), steps(2000),
+                                                report, key="judge_twin", seeds=(25, 26, 27)),
+                       out / "judge_twin" / "config.json"),
         "evaluate": (lambda: evaluate(out, report, 16 if args.quick else 96), None),
         "overfit": (lambda: overfit(out, report, steps(400) if args.quick else args.overfit_steps, args.overfit_subject,
                                     args.overfit_lr), None),

@@ -19,6 +19,11 @@ seeds at every step), which the scorer scores and the attribute classifier (the 
 The same AUCs for each set of evaluation stand-ins (``--evaluators``; DINO's and CLIP-I's cosine to the
 references for identity, CLIP-T for context), which the benchmark's DINO / CLIP-I / CLIP-T columns rest on.
 
+The ceiling (``--judge_twins``): a second classifier with the judge's recipe on its own sample and seeds
+(``build_toy_world.py --stages judge_twin``) scores the same images. The AUC of its probability of identity /
+context for the judge's verdicts, and how often its own verdicts agree with the judge's (Cohen's κ), say how far
+any learned model can agree with the judge on these images: a stand-in's AUC is read against that.
+
 The numbers describe the stand-in, not which method wins. ``--scorers A B`` measures several scorers on the same
 runs (trained with A; DreamBooth's training does not depend on the scorer, so its runs compare them fairly).
 Writes ``fidelity_report.json``, ``images.csv`` (the scorers) and ``evaluation_images.csv`` (the evaluation encoders).
@@ -49,10 +54,18 @@ from rpo_diffusers.toy import (
     load_classifier,
     load_evaluator,
 )
-from rpo_diffusers.toy.models import context_hits, identity_hits
+from rpo_diffusers.toy.models import (
+    AttributeClassifier,
+    context_hits,
+    context_probabilities,
+    identity_hits,
+    identity_probabilities,
+)
 
 METHODS = {"dreambooth": {"method": "dreambooth"}, "rpo": {"method": "rpo"}}
 FIELDS = ("scorer", "subject", "method", "step", "prompt", "seed", "align_i", "align_t", "identity", "context")
+TWIN_FIELDS = ("twin", "subject", "method", "step", "prompt", "seed", "identity_p", "context_p", "twin_identity",
+               "twin_context", "identity", "context")  # fmt: skip
 EVAL_FIELDS = ("evaluator", "subject", "method", "step", "prompt", "seed", "dino", "clip_i", "clip_t", "identity", "context")
 # evaluation encoder score -> the judge's verdict it should rank
 EVAL_TARGETS = {"dino": "identity", "clip_i": "identity", "clip_t": "context"}
@@ -73,6 +86,7 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
     subject = get_subject(subject_name)
     classifier = load_classifier()
     evaluators = {name: load_evaluator(name=name) for name in args.evaluators}
+    twins = {scorer_name(path): AttributeClassifier.from_pretrained(path) for path in args.judge_twins}
     config = RPOConfig(
         pretrained_model_name_or_path=str(asset_path("sd")), scorer_model_name_or_path=args.scorers[0],
         class_noun=subject.class_noun, train_prompts=subject.training_prompts(),
@@ -95,6 +109,7 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
     val_seeds = [config.seed + 7919 * (1 + i) for i in range(len(val_prompts))]  # the trainer's validation seeds
     rows: list[dict[str, Any]] = []
     eval_rows: list[dict[str, Any]] = []
+    twin_rows: list[dict[str, Any]] = []
     steps: list[dict[str, Any]] = []
     trainer: RPOTrainer | None = None
 
@@ -123,8 +138,20 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
                     val_reward[name] = float(other.score(val_images, val_prompts, lambda_=config.lambda_val).reward.mean())
             scores = {name: sc.score(images, prompts, lambda_=0.5) for name, sc in scorers.items()}
             encoded = {name: ev.image_scores(images, prompts, ref_features[name]) for name, ev in evaluators.items()}
-        identity = identity_hits(images, subject, prompts, classifier)
-        context = context_hits(images, prompts, classifier)
+            identity = identity_hits(images, subject, prompts, classifier)
+            context = context_hits(images, prompts, classifier)
+            for name, twin in twins.items():
+                scores_id = identity_probabilities(images, subject, prompts, twin)
+                scores_ctx = context_probabilities(images, prompts, twin)
+                verdict_id = identity_hits(images, subject, prompts, twin)
+                verdict_ctx = context_hits(images, prompts, twin)
+                for i, prompt in enumerate(prompts):
+                    twin_rows.append({
+                        "twin": name, "subject": subject_name, "method": method, "step": payload["step"],
+                        "prompt": prompt, "seed": seeds[i], "identity_p": scores_id[i], "context_p": scores_ctx[i],
+                        "twin_identity": verdict_id[i], "twin_context": verdict_ctx[i],
+                        "identity": identity[i], "context": context[i],
+                    })  # fmt: skip
         for name, sc in scores.items():
             for i, prompt in enumerate(prompts):
                 rows.append({
@@ -148,7 +175,8 @@ def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> 
     result = trainer.train()
     print(f"{subject_name:>18} {method:>10}: {len(steps)} validations, chosen step {result.best_step}, "
           f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
-    return {"subject": subject_name, "method": method, "steps": steps, "rows": rows, "eval_rows": eval_rows}
+    return {"subject": subject_name, "method": method, "steps": steps, "rows": rows, "eval_rows": eval_rows,
+            "twin_rows": twin_rows}  # fmt: skip
 
 
 def selection_fidelity(run: dict[str, Any], scorer: str) -> dict[str, Any]:
@@ -203,6 +231,45 @@ def evaluation_report(runs: list[dict[str, Any]], evaluator: str) -> dict[str, A
     return rep
 
 
+def cohen_kappa(a: list[bool], b: list[bool]) -> float:
+    """Agreement of two raters' yes/no verdicts beyond what their rates alone would give (1: always agree)."""
+    n = len(a)
+    observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
+    pa, pb = sum(a) / n, sum(b) / n
+    chance = pa * pb + (1 - pa) * (1 - pb)
+    return (observed - chance) / (1 - chance) if chance < 1 else float("nan")
+
+
+def twin_report(runs: list[dict[str, Any]], twin: str) -> dict[str, Any]:
+    """How far a second judge (the judge's recipe, its own sample and seeds) agrees with the judge: AUCs of its
+    probabilities for the judge's verdicts, pooled and within prompt, and its verdicts' agreement and κ."""
+    rows = [r for run in runs for r in run["twin_rows"] if r["twin"] == twin]
+    groups = [(r["subject"], r["prompt"]) for r in rows]
+    rep: dict[str, Any] = {"twin": twin, "images": len(rows)}
+    for target in ("identity", "context"):
+        scores, labels, verdicts = [r[f"{target}_p"] for r in rows], [r[target] for r in rows], [r[f"twin_{target}"] for r in rows]
+        rep[f"{target}_auc"] = roc_auc(scores, labels)
+        rep[f"{target}_auc_within_prompt"] = grouped_auc(scores, labels, groups)[0]
+        rep[f"{target}_agreement"] = sum(v == t for v, t in zip(verdicts, labels, strict=True)) / len(rows)
+        rep[f"{target}_kappa"] = cohen_kappa(verdicts, labels)
+        rep[f"{target}_rate_twin"] = sum(verdicts) / len(rows)
+    return rep
+
+
+def format_twin_report(rep: dict[str, Any]) -> str:
+    lines = [
+        f"judge twin {rep['twin']} (the judge's recipe, its own sample and seeds) on the same {rep['images']} images: "
+        "the ceiling for a stand-in",
+        "| what | AUC pooled | AUC within prompt | verdicts agree | Cohen's κ | rate (twin) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for target in ("identity", "context"):
+        lines.append(f"| twin's P({target}) for the judge's {target} | {rep[f'{target}_auc']:.3f} | "
+                     f"{rep[f'{target}_auc_within_prompt']:.3f} | {rep[f'{target}_agreement']:.3f} | "
+                     f"{rep[f'{target}_kappa']:.3f} | {rep[f'{target}_rate_twin']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def format_evaluation_report(rep: dict[str, Any]) -> str:
     lines = [
         f"evaluation encoders {rep['evaluator']!r} ({', '.join(EVALUATORS[rep['evaluator']])}) on the same "
@@ -252,6 +319,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_eval_images", type=int, default=4, help="per held-out prompt and validation step")
     p.add_argument("--evaluators", nargs="+", choices=sorted(EVALUATORS), default=sorted(EVALUATORS),
                    help="sets of evaluation stand-ins (DINO, CLIP) to measure on the same images")
+    p.add_argument("--judge_twins", nargs="*", default=[],
+                   help="classifiers with the judge's recipe (build_toy_world.py --stages judge_twin) to score the same "
+                        "images: how far two judges agree, the ceiling for a stand-in")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
@@ -281,7 +351,8 @@ def main(argv=None) -> int:
         runs = [run_trajectory(args, s, m) for s, m in todo]
     reports = {scorer_name(path): report(runs, scorer_name(path)) for path in args.scorers}
     evaluation = {name: evaluation_report(runs, name) for name in args.evaluators}
-    summary = {"scorers": reports, "evaluation_encoders": evaluation, "args": {k: v for k, v in vars(args).items() if k != "output_dir"},
+    twins = {scorer_name(path): twin_report(runs, scorer_name(path)) for path in args.judge_twins}
+    summary = {"scorers": reports, "evaluation_encoders": evaluation, "judge_twins": twins, "args": {k: v for k, v in vars(args).items() if k != "output_dir"},
                "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     with open(out / "images.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -291,11 +362,18 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=EVAL_FIELDS)
         writer.writeheader()
         writer.writerows(r for run in runs for r in run["eval_rows"])
+    if twins:
+        with open(out / "twin_images.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=TWIN_FIELDS)
+            writer.writeheader()
+            writer.writerows(r for run in runs for r in run["twin_rows"])
     (out / "fidelity_report.json").write_text(json.dumps(summary, indent=2))
     for rep in reports.values():
         print("\n" + format_report(rep))
     for rep in evaluation.values():
         print("\n" + format_evaluation_report(rep))
+    for rep in twins.values():
+        print("\n" + format_twin_report(rep))
     print(f"\nwrote {out / 'fidelity_report.json'} and {out / 'images.csv'} in {summary['seconds']:.0f}s")
     return 0
 

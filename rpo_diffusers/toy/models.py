@@ -157,22 +157,31 @@ class AttributeClassifier:
         return out
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[ImageInput]) -> list[dict[str, str]]:
-        """One ``{attribute: value}`` dict per image."""
+    def logits(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """``[N, labels]`` logits; the label names are ``model.config.id2label``."""
         pils = to_pil_images(list(images))
-        id2label = self.model.config.id2label
-        rows: list[dict[str, str]] = []
+        out = []
         for start in range(0, len(pils), self.batch_size):
             px = self.processor(images=pils[start : start + self.batch_size], return_tensors="pt")
-            logits = self.model(pixel_values=px["pixel_values"]).logits
-            for row in logits:
-                rows.append(
-                    {
-                        g: id2label[idx[int(row[idx].argmax())]].partition(":")[2]
-                        for g, idx in self.groups.items()
-                    }
-                )
-        return rows
+            out.append(self.model(pixel_values=px["pixel_values"]).logits.float())
+        return torch.cat(out) if out else torch.empty(0, len(self.model.config.id2label))
+
+    def _value(self, i: int) -> str:
+        return self.model.config.id2label[i].partition(":")[2]
+
+    def predict(self, images: Sequence[ImageInput]) -> list[dict[str, str]]:
+        """One ``{attribute: value}`` dict per image: the most probable value of each attribute."""
+        return [
+            {g: self._value(idx[int(row[idx].argmax())]) for g, idx in self.groups.items()} for row in self.logits(images)
+        ]
+
+    def probabilities(self, images: Sequence[ImageInput]) -> list[dict[str, dict[str, float]]]:
+        """One ``{attribute: {value: probability}}`` dict per image (a softmax within each label group)."""
+        return [
+            {g: {self._value(i): p for i, p in zip(idx, row[idx].softmax(0).tolist(), strict=True)}
+             for g, idx in self.groups.items()}
+            for row in self.logits(images)
+        ]  # fmt: skip
 
 
 @functools.lru_cache(maxsize=2)
@@ -250,6 +259,56 @@ def _predict(images: Sequence[ImageInput], classifier: AttributeClassifier | Non
     return (classifier or load_classifier()).predict(images)
 
 
+def _identity_expected(subject: Subject, prompt: str | None, check_second_colour: bool) -> dict[str, str]:
+    """The attributes an image of ``subject`` must show for its prompt (a colour-change prompt: the new colour)."""
+    color = subject.color if prompt is None else parse_prompt(prompt).get("color", subject.color)
+    expected = {"pattern": SPLIT, "color": color}
+    if check_second_colour:
+        expected["color2"] = subject.color2
+    return expected
+
+
+def _context_expected(prompt: str, identifier: str) -> dict[str, str]:
+    """The attributes around the object that ``prompt`` asks for (with the identifier, a colour change too)."""
+    stated = parse_prompt(prompt, identifier)
+    return {k: stated[k] for k in (*CONTEXT_GROUPS, *(["color"] if "identity" in stated else [])) if k in stated}
+
+
+def _probability(probs: dict[str, dict[str, float]], expected: dict[str, str]) -> float:
+    """The classifier's probability that every expected attribute is shown (the groups taken as independent)."""
+    out = 1.0
+    for group, value in expected.items():
+        out *= probs[group][value]
+    return out
+
+
+def identity_probabilities(
+    images: Sequence[ImageInput],
+    subject: Subject,
+    prompts: Sequence[str],
+    classifier: AttributeClassifier,
+    check_second_colour: bool = False,
+) -> list[float]:
+    """Per image: a classifier's probability of what :func:`identity_hits` checks, a continuous score whose
+    ranking against another judge's verdicts can be measured as an AUC (``toy_fidelity.py --judge_twins``)."""
+    _check_lengths(images, prompts)
+    return [
+        _probability(probs, _identity_expected(subject, prompt, check_second_colour))
+        for prompt, probs in zip(prompts, classifier.probabilities(images), strict=True)
+    ]
+
+
+def context_probabilities(
+    images: Sequence[ImageInput], prompts: Sequence[str], classifier: AttributeClassifier, identifier: str = "sks"
+) -> list[float]:
+    """Per image: a classifier's probability of what :func:`context_hits` checks."""
+    _check_lengths(images, prompts)
+    return [
+        _probability(probs, _context_expected(prompt, identifier))
+        for prompt, probs in zip(prompts, classifier.probabilities(images), strict=True)
+    ]
+
+
 def _check_lengths(images: Sequence[Any], prompts: Sequence[str]) -> None:
     if len(images) != len(prompts):
         raise ValueError(f"Got {len(images)} images but {len(prompts)} prompts; give one prompt per image.")
@@ -277,12 +336,7 @@ def identity_hits(
         _check_lengths(images, prompts)
     hits = []
     for i, pred in enumerate(_predict(images, classifier)):
-        color = subject.color
-        if prompts is not None:
-            color = parse_prompt(prompts[i]).get("color", subject.color)
-        expected = {"pattern": SPLIT, "color": color}
-        if check_second_colour:
-            expected["color2"] = subject.color2
+        expected = _identity_expected(subject, None if prompts is None else prompts[i], check_second_colour)
         hits.append(_matches(pred, expected, list(expected)))
     return hits
 
@@ -299,9 +353,8 @@ def context_hits(
     _check_lengths(images, prompts)
     hits = []
     for prompt, pred in zip(prompts, _predict(images, classifier), strict=True):
-        expected = parse_prompt(prompt, identifier)
-        keys = [*CONTEXT_GROUPS, *(["color"] if "identity" in expected else [])]
-        hits.append(_matches(pred, expected, keys))
+        expected = _context_expected(prompt, identifier)
+        hits.append(_matches(pred, expected, list(expected)))
     return hits
 
 
