@@ -149,6 +149,34 @@ def test_methods_that_read_a_shared_run_match_runs_of_their_own(tmp_path):
     assert paper != [h["reward"] for h in shared["rpo_lambda0.5"][1]["history"]]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not assets_available(), reason="the toy world's models are not built")
+def test_results_with_the_same_weights_are_evaluated_once(tmp_path, monkeypatch):
+    # validating only at steps 0 and 20, early stopping exports either the base weights (step 0) or the last
+    # step's, DreamBooth's: two distinct models among three rows, so two evaluations, and the third row's scores
+    # are its twin's
+    bench = load_benchmark()
+    drawn = []
+
+    def counted(pipe, *args, **kwargs):
+        drawn.append(bench.weights_digest(pipe))
+        return generate_images(pipe, *args, **kwargs)
+
+    generate_images = bench.generate_images
+    monkeypatch.setattr(bench, "generate_images", counted)
+    argv = ["--quick", "--output_dir", str(tmp_path), "--methods", "base", "dreambooth", "es_no_pref",
+            "--max_train_steps", "20", "--validation_steps", "20"]  # fmt: skip
+    assert bench.main(argv) == 0
+    rows = read_rows(tmp_path / "results.csv")
+    assert len(drawn) == len(set(drawn)) == 2
+    twin = "base" if int(rows["es_no_pref"]["best_step"]) == 0 else "dreambooth"
+    metrics = ("dino", "clip_i", "clip_t", "lambda_harmonic", "identity_acc", "context_acc")
+    assert all(rows["es_no_pref"][k] == rows[twin][k] for k in metrics)
+    assert any(rows["base"][k] != rows["dreambooth"][k] for k in metrics)
+    strips = {m: (tmp_path / "runs" / "redblue_ball" / f"{m}.png").read_bytes() for m in ("es_no_pref", twin)}
+    assert strips["es_no_pref"] == strips[twin]
+
+
 def test_only_selection_settings_may_differ_in_a_shared_run():
     bench = load_benchmark()
     bench.check_shared_runs()  # the bundled METHODS
