@@ -177,6 +177,30 @@ def test_results_with_the_same_weights_are_evaluated_once(tmp_path, monkeypatch)
     assert strips["es_no_pref"] == strips[twin]
 
 
+@pytest.mark.slow
+def test_a_last_step_run_without_readers_validates_at_its_ends_only_and_trains_the_same_weights(tmp_path):
+    # nothing selects from DPG's run: it validates at steps 0 and 40 instead of every 20, and the exported weights
+    # (critic included in the loss) equal those of a run that validated every 20 steps
+    from safetensors.torch import load_file
+
+    from rpo_diffusers.trainer import RPOTrainer
+
+    bench = load_benchmark()
+    args = bench.parse_args(["--quick", "--output_dir", str(tmp_path), "--max_train_steps", "40",
+                             "--validation_steps", "20"])  # fmt: skip
+    subject = bench.toy_subjects(["redblue_ball"])[0]
+    method = next(m for m in bench.METHODS if m.name == "dpg_latent")
+    ((_, info),) = bench.train_and_load(args, subject, method, tmp_path / "ends" / method.name).values()
+    assert [h["step"] for h in info["history"]] == [0, 40] and info["best_step"] == 40
+    config = bench.run_config(args, subject, method, tmp_path / "every" / method.name)
+    result = RPOTrainer(config, reference_images=subject.references).train()
+    assert [h["step"] for h in result.history] == [0, 20, 40]
+    assert result.history[-1]["reward"] == info["history"][-1]["reward"]
+    mine = load_file(tmp_path / "ends" / method.name / "unet" / "diffusion_pytorch_model.safetensors")
+    theirs = load_file(tmp_path / "every" / method.name / "unet" / "diffusion_pytorch_model.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
 def test_only_selection_settings_may_differ_in_a_shared_run():
     bench = load_benchmark()
     bench.check_shared_runs()  # the bundled METHODS

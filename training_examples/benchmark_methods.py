@@ -25,7 +25,8 @@ Methods that differ only in which step they export (SELECTION_FIELDS: es_no_pref
 rpo_lambda0.3/0.7 and rpo_paper_val from rpo_lambda0.5's) select from that run instead of training again: the same
 weights step for step, their own rewards (the run's validation images rescored at their λ_val, or their own
 images for another validation sampler), so 6 trainings give the 11 trained rows. Their wall time is what a run of
-their own would take.
+their own would take. Methods that export their last step validate only at step 0 and at the end (the weights are
+the same: training draws its own seeds), and results with the same weights are evaluated once.
 
 Validation (what early stopping sees) uses the training prompts; evaluation uses each subject's held-out
 prompts, with the same seeds for every method. Columns: DINO, CLIP-I, CLIP-T (evaluation encoders, never the
@@ -46,7 +47,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +281,8 @@ def train_and_load(
 ) -> dict[str, tuple[Any, dict[str, Any]]]:
     """Per method name (``method``, then each of ``readers``, which select from its run): the pipeline it ends
     with and what its training reported. A reader's wall time is its own run's: the shared run's, with its own
-    validation in place of the run's where it has one."""
+    validation in place of the run's where it has one. A method that exports its last step validates only at
+    step 0 and at the end (its wall time counts those two where the run validated more for its readers)."""
     from rpo_diffusers.trainer import RPOTrainer
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -288,12 +290,18 @@ def train_and_load(
         return {method.name: (load_result_pipeline(args.model, dtype=dtype), {"wall_s": 0.0, "best_step": None,
                                                                                "history": []})}  # fmt: skip
     config = run_config(args, subject, method, run_dir)
+    if not config.early_stopping and not readers:
+        # the last step is exported and nothing selects from this run: validating at step 0 and at the end (the
+        # reward logged before and after) gives the same weights as every 40 steps (training draws its own seeds)
+        config = replace(config, validation_steps=config.max_train_steps)
     trainer = RPOTrainer(config, reference_images=subject.references)
     shared = SharedSelection(trainer, {m.name: run_config(args, subject, m, run_dir.parent / m.name) for m in readers})
     trainer.callbacks.append(shared)
     t0 = time.perf_counter()
     result = trainer.train()
     wall = time.perf_counter() - t0 - sum(shared.validation_s.values())
+    if not config.early_stopping and len(result.history) > 2:  # validated more only for its readers
+        wall -= trainer.timings["validation"] * (len(result.history) - 2) / len(result.history)
     shared.run_ended()
     out = {method.name: (load_result_pipeline(args.model, run_dir, args.use_lora, dtype),
                          {"wall_s": wall, "best_step": result.best_step, "history": result.history})}  # fmt: skip
