@@ -38,6 +38,14 @@ def test_quick_fidelity_report_follows_from_the_judged_images(tmp_path):
     identity = [r["identity"] == "True" for r in rows]
     assert 0 < sum(identity) < len(identity)  # the seeded quick run has both classes, so the AUC is defined
     assert report["align_i_identity_auc"] == pytest.approx(roc_auc([float(r["align_i"]) for r in rows], identity))
+    # the same AUC apart on the colour-change prompts ("a purple sks ball") and on the others
+    kinds = report["by_prompt_kind"]
+    change = [module.changes_colour(r["prompt"]) for r in rows]
+    assert 0 < sum(change) < len(rows) and kinds["colour_change"]["images"] == sum(change)
+    assert kinds["kept_colour"]["images"] + kinds["colour_change"]["images"] == len(rows)
+    kept = [r for r, c in zip(rows, change) if not c]
+    assert kinds["kept_colour"]["context_rate"] == pytest.approx(sum(r["context"] == "True" for r in kept) / len(kept))
+    assert module.changes_colour("a purple sks ball") and not module.changes_colour("a sks ball on the moon")
     (run,) = report["runs"]
     steps = {s: [r for r in rows if int(r["step"]) == s] for s in validations}
     truth = []

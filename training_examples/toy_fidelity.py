@@ -60,6 +60,7 @@ from rpo_diffusers.toy.models import (
     context_probabilities,
     identity_hits,
     identity_probabilities,
+    parse_prompt,
 )
 
 METHODS = {"dreambooth": {"method": "dreambooth"}, "rpo": {"method": "rpo"}}
@@ -73,6 +74,26 @@ EVAL_TARGETS = {"dino": "identity", "clip_i": "identity", "clip_t": "context"}
 
 def scorer_name(path: str) -> str:
     return Path(path).name
+
+
+def changes_colour(prompt: str) -> bool:
+    """A colour-change prompt ("a purple sks ball"): the judge then wants the split look in the new colour,
+    which the references never show, so ALIGN-I (similarity to them) and the judge's identity part ways."""
+    return "color" in parse_prompt(prompt)
+
+
+def aucs_by_prompt_kind(rows: list[dict[str, Any]], pairs: dict[str, tuple[str, str]]) -> dict[str, dict[str, Any]]:
+    """Pooled AUCs (``name: (score column, verdict column)``) on the prompts that keep the subject's colour and on
+    the colour-change prompts apart, with the verdicts' rates."""
+    out = {}
+    for kind, keep in (("kept_colour", False), ("colour_change", True)):
+        part = [r for r in rows if changes_colour(r["prompt"]) == keep]
+        out[kind] = {"images": len(part)}
+        for name, (score, verdict) in pairs.items():
+            out[kind][name] = roc_auc([r[score] for r in part], [r[verdict] for r in part])
+        for verdict in ("identity", "context"):
+            out[kind][f"{verdict}_rate"] = sum(r[verdict] for r in part) / len(part) if part else float("nan")
+    return out
 
 
 def run_trajectory(args: argparse.Namespace, subject_name: str, method: str) -> dict[str, Any]:
@@ -215,6 +236,8 @@ def report(runs: list[dict[str, Any]], scorer: str) -> dict[str, Any]:
         "median_spearman": statistics.median(rhos) if rhos else float("nan"),
         "runs_with_a_spearman": len(rhos),
         "mean_fraction_of_best": statistics.fmean(fractions) if fractions else float("nan"),
+        "by_prompt_kind": aucs_by_prompt_kind(rows, {"align_i_identity_auc": ("align_i", "identity"),
+                                                     "align_t_context_auc": ("align_t", "context")}),
         "runs": per_run,
     }  # fmt: skip
 
@@ -253,6 +276,8 @@ def twin_report(runs: list[dict[str, Any]], twin: str) -> dict[str, Any]:
         rep[f"{target}_agreement"] = sum(v == t for v, t in zip(verdicts, labels, strict=True)) / len(rows)
         rep[f"{target}_kappa"] = cohen_kappa(verdicts, labels)
         rep[f"{target}_rate_twin"] = sum(verdicts) / len(rows)
+    rep["by_prompt_kind"] = aucs_by_prompt_kind(rows, {"identity_auc": ("identity_p", "identity"),
+                                                       "context_auc": ("context_p", "context")})  # fmt: skip
     return rep
 
 
@@ -267,6 +292,19 @@ def format_twin_report(rep: dict[str, Any]) -> str:
         lines.append(f"| twin's P({target}) for the judge's {target} | {rep[f'{target}_auc']:.3f} | "
                      f"{rep[f'{target}_auc_within_prompt']:.3f} | {rep[f'{target}_agreement']:.3f} | "
                      f"{rep[f'{target}_kappa']:.3f} | {rep[f'{target}_rate_twin']:.3f} |")  # fmt: skip
+    lines += ["", format_prompt_kinds(rep["by_prompt_kind"], {"identity_auc": "twin's P(identity) AUC for identity",
+                                                              "context_auc": "twin's P(context) AUC for context"})]
+    return "\n".join(lines)
+
+
+def format_prompt_kinds(kinds: dict[str, dict[str, Any]], names: dict[str, str]) -> str:
+    lines = ["| pooled, by prompt kind | kept colour | colour change |", "|---|---|---|"]
+    for key, name in names.items():
+        lines.append(f"| {name} | {kinds['kept_colour'][key]:.3f} | {kinds['colour_change'][key]:.3f} |")
+    for verdict in ("identity", "context"):
+        lines.append(f"| {verdict} rate (judge) | {kinds['kept_colour'][f'{verdict}_rate']:.3f} | "
+                     f"{kinds['colour_change'][f'{verdict}_rate']:.3f} |")  # fmt: skip
+    lines.append(f"| images | {kinds['kept_colour']['images']} | {kinds['colour_change']['images']} |")
     return "\n".join(lines)
 
 
@@ -293,6 +331,9 @@ def format_report(rep: dict[str, Any]) -> str:
         f"| ALIGN-I AUC for identity | {rep['align_i_identity_auc']:.3f} | {rep['align_i_identity_auc_within_prompt']:.3f} |",
         f"| ALIGN-T AUC for context | {rep['align_t_context_auc']:.3f} | {rep['align_t_context_auc_within_prompt']:.3f} |",
         f"| ALIGN-I AUC for context | {rep['align_i_context_auc']:.3f} | |",
+        "",
+        format_prompt_kinds(rep["by_prompt_kind"], {"align_i_identity_auc": "ALIGN-I AUC for identity",
+                                                    "align_t_context_auc": "ALIGN-T AUC for context"}),
         "",
         f"selection: median Spearman {rep['median_spearman']:.2f} over {rep['runs_with_a_spearman']} runs; the chosen "
         f"step's ground truth is {rep['mean_fraction_of_best']:.2f} of the best step's on average",
