@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from example_scripts import load_example
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "training_examples" / "build_toy_world.py"
 
@@ -52,6 +54,14 @@ def test_two_processes_share_the_report_and_rebuilds_are_identical(tmp_path):
     configs = {stage: json.loads((shared / stage / "config.json").read_text()) for stage in ("scorer_domain", "clip_eval_domain")}
     assert configs["scorer_domain"]["vision_config"]["hidden_size"] != configs["clip_eval_domain"]["vision_config"]["hidden_size"]
     assert not list(shared.glob("_tok*")) and not list(shared.glob("*.tmp*"))
+    # the judge twin: the judge's recipe (the same labels and shape) with its own sample and seeds, a model of its
+    # own, built only when named
+    _finish(_build(shared, "classifier", "judge_twin"))
+    judges = {stage: json.loads((shared / stage / "config.json").read_text()) for stage in ("classifier", "judge_twin")}
+    assert judges["classifier"]["id2label"] == judges["judge_twin"]["id2label"]
+    assert judges["classifier"]["hidden_sizes"] == judges["judge_twin"]["hidden_sizes"]
+    assert (shared / "classifier" / "model.safetensors").read_bytes() != (shared / "judge_twin" / "model.safetensors").read_bytes()
+    assert "judge_twin" not in load_example("build_toy_world").DEFAULT_STAGES
 
     again = tmp_path / "again"
     again.mkdir()

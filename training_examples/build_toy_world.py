@@ -865,13 +865,14 @@ STAGES = (
     "overfit",
 )
 MEASUREMENT_STAGES = ("judge_twin",)  # built only when named: they measure the world, they are not part of it
+DEFAULT_STAGES = tuple(stage for stage in STAGES if stage not in MEASUREMENT_STAGES)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="rpo_diffusers/toy/assets")
     parser.add_argument("--quick", action="store_true", help="tiny data and step counts: a smoke test")
-    parser.add_argument("--stages", nargs="*", default=[s for s in STAGES if s not in MEASUREMENT_STAGES], choices=STAGES)
+    parser.add_argument("--stages", nargs="*", default=list(DEFAULT_STAGES), choices=STAGES)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     parser.add_argument(
         "--overfit_steps", type=int, default=400, help="DreamBooth steps of the overfit check"
