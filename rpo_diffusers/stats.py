@@ -2,7 +2,8 @@
 
 ROC-AUC says how well a score separates images a judge calls positive from the rest (0.5: not at all),
 pooled or within groups (one prompt), since a score can rank prompts instead of images. Spearman's ρ says
-whether validation rewards order training steps the way the ground truth does. Bootstrap intervals over
+whether validation rewards order training steps the way the ground truth does. Cohen's κ says how far two
+judges' yes/no verdicts agree beyond chance. Bootstrap intervals over
 subjects and paired differences against a baseline say whether a gap between methods is more than the
 spread of subjects.
 """
@@ -67,6 +68,17 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = float(np.sqrt((ra**2).sum() * (rb**2).sum()))
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """Agreement of two raters' yes/no verdicts beyond what their rates alone give (1: always agree, 0: chance);
+    NaN when chance agreement is already certain (both raters always say the same one thing)."""
+    if len(a) != len(b) or not len(a):
+        raise ValueError(f"cohen_kappa needs two non-empty sequences of one length, got {len(a)} and {len(b)}.")
+    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    observed = float((x == y).mean())
+    chance = float(x.mean() * y.mean() + (1 - x.mean()) * (1 - y.mean()))
+    return (observed - chance) / (1 - chance) if chance < 1 else float("nan")
 
 
 def bootstrap_ci(

@@ -8,7 +8,15 @@ import math
 import numpy as np
 import pytest
 
-from rpo_diffusers.stats import average_ranks, bootstrap_ci, grouped_auc, paired_comparison, roc_auc, spearman
+from rpo_diffusers.stats import (
+    average_ranks,
+    bootstrap_ci,
+    cohen_kappa,
+    grouped_auc,
+    paired_comparison,
+    roc_auc,
+    spearman,
+)
 
 
 def _pairwise_auc(scores, labels) -> float:
@@ -70,3 +78,20 @@ def test_paired_comparison_counts_wins_and_says_whether_zero_is_excluded():
     assert clear["mean_diff"] == pytest.approx(0.1)
     unclear = paired_comparison(mixed, base)
     assert (unclear["wins"], unclear["ties"], unclear["losses"]) == (2, 1, 3) and not unclear["excludes_zero"]
+
+
+def test_cohen_kappa_discounts_the_agreement_that_the_rates_alone_give():
+    a = [True] * 10 + [False] * 90
+    assert cohen_kappa(a, a) == 1.0
+    # a rater that always says no agrees 90% of the time with a, and no better than chance
+    assert cohen_kappa(a, [False] * 100) == 0.0
+    # independent raters with a's rate: agreement 0.82 by chance alone, kappa about 0
+    b = [True] * 1 + [False] * 9 + [True] * 9 + [False] * 81
+    assert sum(x == y for x, y in zip(a, b)) / 100 == pytest.approx(0.82)
+    assert cohen_kappa(a, b) == pytest.approx(0.0)
+    # by hand: 19 of 20 agree; rates 0.5 and 0.45 give chance 0.5 * 0.45 + 0.5 * 0.55 = 0.5; (0.95 - 0.5) / 0.5
+    c, d = [True, True, False, False] * 5, [True, True, False, False] * 4 + [True, False, False, False]
+    assert cohen_kappa(c, d) == pytest.approx(0.9)
+    assert math.isnan(cohen_kappa([True] * 4, [True] * 4))
+    with pytest.raises(ValueError, match="one length"):
+        cohen_kappa([True], [True, False])

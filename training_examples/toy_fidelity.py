@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from rpo_diffusers.config import RPOConfig
-from rpo_diffusers.stats import grouped_auc, roc_auc, spearman
+from rpo_diffusers.stats import cohen_kappa, grouped_auc, roc_auc, spearman
 from rpo_diffusers.toy import (
     DEFAULT_SCORER,
     EVALUATORS,
@@ -252,15 +252,6 @@ def evaluation_report(runs: list[dict[str, Any]], evaluator: str) -> dict[str, A
         rep[f"{key}_{target}_auc"] = roc_auc(scores, labels)
         rep[f"{key}_{target}_auc_within_prompt"] = grouped_auc(scores, labels, groups)[0]
     return rep
-
-
-def cohen_kappa(a: list[bool], b: list[bool]) -> float:
-    """Agreement of two raters' yes/no verdicts beyond what their rates alone would give (1: always agree)."""
-    n = len(a)
-    observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
-    pa, pb = sum(a) / n, sum(b) / n
-    chance = pa * pb + (1 - pa) * (1 - pb)
-    return (observed - chance) / (1 - chance) if chance < 1 else float("nan")
 
 
 def twin_report(runs: list[dict[str, Any]], twin: str) -> dict[str, Any]:
