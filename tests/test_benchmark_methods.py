@@ -138,7 +138,10 @@ def test_methods_that_read_a_shared_run_match_runs_of_their_own(tmp_path):
         alone = bench.train_and_load(args, subject, replace(m, trained_by=None), tmp_path / "alone" / m.name)[m.name][1]
         info = shared[m.name][1]
         assert info["best_step"] == alone["best_step"], m.name
-        assert [h["reward"] for h in info["history"]] == [h["reward"] for h in alone["history"]], m.name
+        # a last-step run of its own validates at its ends only; at the steps it validates, the rewards are the same
+        rewards = {h["step"]: h["reward"] for h in info["history"]}
+        assert [h["reward"] for h in alone["history"]] == [rewards[h["step"]] for h in alone["history"]], m.name
+        assert len(alone["history"]) == (2 if m.name == "pref_no_es" else len(info["history"])), m.name
         assert info["history"][-1]["per_prompt"] == alone["history"][-1]["per_prompt"], m.name
         assert "per_image" not in alone["history"][-1]  # the callbacks' per-image scores stay out of the history
         mine = load_file(tmp_path / "shared" / m.name / "unet" / "diffusion_pytorch_model.safetensors")
