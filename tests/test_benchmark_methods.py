@@ -204,6 +204,15 @@ def test_a_last_step_run_without_readers_validates_at_its_ends_only_and_trains_t
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
 
 
+def test_a_readers_wall_time_is_what_a_run_of_its_own_would_take():
+    bench = load_benchmark()
+    # a shared run of 100 s that spent 22 s on 11 validations
+    assert bench.own_run_seconds(100.0, 22.0, 11, early_stopping=True) == 100.0  # the run itself, or es_no_pref
+    assert bench.own_run_seconds(100.0, 22.0, 11, early_stopping=False) == pytest.approx(100.0 - 18.0)  # 2 of 11
+    assert bench.own_run_seconds(100.0, 22.0, 11, True, own_validation=50.0) == 128.0  # its own sampler's
+    assert bench.own_run_seconds(40.0, 4.0, 2, early_stopping=False) == 40.0  # validated at its ends only already
+
+
 def test_only_selection_settings_may_differ_in_a_shared_run():
     bench = load_benchmark()
     bench.check_shared_runs()  # the bundled METHODS

@@ -280,9 +280,9 @@ def train_and_load(
     args, subject: BenchSubject, method: Method, run_dir: Path, readers: Sequence[Method] = ()
 ) -> dict[str, tuple[Any, dict[str, Any]]]:
     """Per method name (``method``, then each of ``readers``, which select from its run): the pipeline it ends
-    with and what its training reported. A reader's wall time is its own run's: the shared run's, with its own
-    validation in place of the run's where it has one. A method that exports its last step validates only at
-    step 0 and at the end (its wall time counts those two where the run validated more for its readers)."""
+    with and what its training reported. Each wall time is what a run of the method's own would take
+    (:func:`own_run_seconds`). A run that exports its last step and has no readers validates only at step 0 and at
+    the end."""
     from rpo_diffusers.trainer import RPOTrainer
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -299,18 +299,30 @@ def train_and_load(
     trainer.callbacks.append(shared)
     t0 = time.perf_counter()
     result = trainer.train()
-    wall = time.perf_counter() - t0 - sum(shared.validation_s.values())
-    if not config.early_stopping and len(result.history) > 2:  # validated more only for its readers
-        wall -= trainer.timings["validation"] * (len(result.history) - 2) / len(result.history)
+    wall = time.perf_counter() - t0 - sum(shared.validation_s.values())  # the run as it validated
+    validation, n = trainer.timings["validation"], len(result.history)
     shared.run_ended()
     out = {method.name: (load_result_pipeline(args.model, run_dir, args.use_lora, dtype),
-                         {"wall_s": wall, "best_step": result.best_step, "history": result.history})}  # fmt: skip
+                         {"wall_s": own_run_seconds(wall, validation, n, config.early_stopping),
+                          "best_step": result.best_step, "history": result.history})}  # fmt: skip
     for m in readers:
         step = shared.export(m.name, run_dir.parent / m.name)
-        own = 0.0 if shared.rescored[m.name] else shared.validation_s[m.name] - trainer.timings["validation"]
+        own = validation if shared.rescored[m.name] else shared.validation_s[m.name]
+        seconds = own_run_seconds(wall, validation, n, shared.configs[m.name].early_stopping, own)
         out[m.name] = (load_result_pipeline(args.model, run_dir.parent / m.name, args.use_lora, dtype),
-                       {"wall_s": wall + own, "best_step": step, "history": shared.history[m.name]})  # fmt: skip
+                       {"wall_s": seconds, "best_step": step, "history": shared.history[m.name]})  # fmt: skip
     return out
+
+
+def own_run_seconds(
+    wall: float, validation: float, validations: int, early_stopping: bool, own_validation: float | None = None
+) -> float:
+    """What a run of a method's own takes, from a shared run's ``wall`` seconds that spent ``validation`` seconds
+    on ``validations`` validations: the method's own validation (``own_validation``, its own sampler's; default the
+    run's) in place of the run's and, for a method that exports its last step, only the first and last of them."""
+    own = validation if own_validation is None else own_validation
+    seconds = wall - validation + own
+    return seconds - own * (validations - 2) / validations if not early_stopping and validations > 2 else seconds
 
 
 # ------------------------------------------------------------------------------------------------
