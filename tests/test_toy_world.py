@@ -166,12 +166,17 @@ def _biased_classifier(tmp_path, **chosen: str):
     return AttributeClassifier.from_pretrained(tmp_path / "clf")
 
 
-def test_identity_and_context_hits_follow_the_classifier(tmp_path):
-    subject = get_subject("redblue_ball")
-    clf = _biased_classifier(
+def _redblue_ball_on_the_moon(tmp_path):
+    """A classifier that sees redblue_ball's look on the moon in every image."""
+    return _biased_classifier(
         tmp_path, shape="ball", color="red", color2="blue", pattern=SPLIT, background="moon", accessory="none",
         style="photo",
     )  # fmt: skip
+
+
+def test_identity_and_context_hits_follow_the_classifier(tmp_path):
+    subject = get_subject("redblue_ball")
+    clf = _redblue_ball_on_the_moon(tmp_path)
     images = subject.reference_images()[:2]
     assert clf.predict(images)[0] == {
         "shape": "ball", "color": "red", "color2": "blue", "pattern": SPLIT, "background": "moon",
@@ -204,10 +209,7 @@ def test_identity_and_context_probabilities_rank_as_the_verdicts(tmp_path):
     from rpo_diffusers.toy.models import context_probabilities, identity_probabilities
 
     subject = get_subject("redblue_ball")
-    clf = _biased_classifier(
-        tmp_path, shape="ball", color="red", color2="blue", pattern=SPLIT, background="moon", accessory="none",
-        style="photo",
-    )  # fmt: skip
+    clf = _redblue_ball_on_the_moon(tmp_path)
     images = subject.reference_images()[:2]
     prompts = ["a sks ball on the moon", "a green sks ball"]
     probs = clf.probabilities(images)
