@@ -106,3 +106,16 @@ def test_a_second_scorer_sees_the_trainers_own_validation_images(tmp_path):
     first, second = reports["scorer"], reports["same_scorer"]
     assert second["runs"][0]["val_rewards"] == pytest.approx(first["runs"][0]["val_rewards"], abs=1e-6)
     assert second["align_i_identity_auc"] == pytest.approx(first["align_i_identity_auc"])
+
+
+def test_two_scorers_with_one_folder_name_are_refused_before_anything_loads(tmp_path, capsys):
+    """The report keys each scorer by its folder name, so two ``scorer_domain`` folders would silently
+    merge into one row: refused with the fix, before a model loads."""
+    module = load_example("toy_fidelity")
+    a, b = tmp_path / "a" / "scorer_domain", tmp_path / "b" / "scorer_domain"
+    with pytest.raises(SystemExit) as exc:
+        module.parse_args(["--output_dir", str(tmp_path / "out"), "--scorers", str(a), str(b)])
+    assert exc.value.code == 2
+    assert "two folders named 'scorer_domain'" in capsys.readouterr().err
+    args = module.parse_args(["--output_dir", str(tmp_path / "out"), "--scorers", str(a), str(tmp_path / "c")])
+    assert args.scorers == [str(a), str(tmp_path / "c")]

@@ -360,6 +360,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="one subject, DreamBooth, 40 steps: a smoke test")
     args = p.parse_args(argv)
     args.scorers = args.scorers or [str(asset_path(DEFAULT_SCORER))]
+    for paths, flag in ((args.scorers, "--scorers"), (args.judge_twins, "--judge_twins")):
+        names = [scorer_name(path) for path in paths]
+        if len(set(names)) < len(names):  # the report keys models by folder name: one would hide the other
+            clash = sorted({n for n in names if names.count(n) > 1})
+            p.error(f"{flag} has two folders named {clash[0]!r}; the report names each by its folder, so give them "
+                    "different folder names (a symlink with another name is enough)")
     if args.quick:
         args.subjects, args.methods = args.subjects or ["redblue_ball"], ["dreambooth"]
         args.max_train_steps, args.validation_steps, args.images_per_prompt = 40, 20, 1
