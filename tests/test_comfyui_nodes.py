@@ -1,4 +1,4 @@
-"""The ComfyUI node pack against small stand-ins for the ComfyUI modules it imports (tests/comfy_stubs).
+"""The ComfyUI node pack against small stand-ins for the ComfyUI modules it imports (tests/comfy_standins.py).
 
 What runs for real here: the conversions, input validation, the scorer (a tiny CLIP) and top-k selection.
 Training inside a real ComfyUI server is tested by tests/test_comfyui_server.py when COMFYUI_PATH is set.
@@ -10,12 +10,12 @@ import asyncio
 import sys
 from pathlib import Path
 
+import comfy_standins
 import numpy as np
 import pytest
 import torch
 
-STUBS = Path(__file__).parent / "comfy_stubs"
-sys.path.insert(0, str(STUBS))
+comfy_standins.install()
 
 import folder_paths  # noqa: E402
 

@@ -402,16 +402,16 @@ print(json.dumps({f.__qualname__: list(inspect.signature(f).parameters) for f in
 
 
 def test_stand_ins_have_the_real_signatures():
-    """tests/comfy_stubs must stay faithful: every ComfyUI callable the pack uses has the real parameter names."""
+    """tests/comfy_standins.py must stay faithful: every ComfyUI callable the pack uses has the real parameter names."""
 
-    def signatures(python: str, path: str) -> dict:
-        done = subprocess.run([python, "-c", SIGNATURES], cwd=path, capture_output=True, text=True,
+    def signatures(python: str, path: str, setup: str = "") -> dict:
+        done = subprocess.run([python, "-c", setup + SIGNATURES], cwd=path, capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": path})  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     real = signatures(os.environ.get("COMFYUI_PYTHON", "python"), COMFYUI_PATH)
-    stub = signatures(sys.executable, str(REPO / "tests" / "comfy_stubs"))
+    stub = signatures(sys.executable, str(REPO / "tests"), "import comfy_standins; comfy_standins.install()\n")
     assert stub == real
 
 
