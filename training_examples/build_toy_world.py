@@ -66,6 +66,7 @@ WORDS = sorted(
     | {"vincent", "rendition", "china", "great", "wall", "top", "wooden", "roof", "statue", "liberty", "subway",
        "platform", "outfit", "is", "swimming", "pool"}
 )  # fmt: skip
+SCORER_SHAPE = (11, 64, 3, 4)  # the ALIGN stand-in's (seed, width, depth, patch), both scorer stages
 PHOTO_PREFIX_RATE = (
     0.25  # captions sometimes start "a photo of ...", so the instance prompt's words are known
 )
@@ -883,7 +884,7 @@ def main(argv=None) -> None:
     parser.add_argument("--overfit_subject", default="redblue_ball", choices=list(SUBJECTS))
     parser.add_argument("--scorer_domain_steps", type=int, default=800,
                         help="training steps of scorer_domain (800 is the bundled recipe; 2400 was measured, not adopted)")
-    parser.add_argument("--scorer_domain_shape", type=int, nargs=4, default=[11, 64, 3, 4],
+    parser.add_argument("--scorer_domain_shape", type=int, nargs=4, default=list(SCORER_SHAPE),
                         metavar=("SEED", "HIDDEN", "LAYERS", "PATCH"),
                         help="scorer_domain's seed, width, depth and patch size (the bundled recipe; 11 96 3 4 was "
                              "measured, not adopted)")
@@ -931,7 +932,7 @@ def main(argv=None) -> None:
         "sd": (lambda: build_sd(out, *base(), steps(1300), report), out / "sd" / "model_index.json"),
         "sd_continue": (lambda: continue_sd(out, *base(), steps(6000), report), "sd_continue"),
         "scorer": (lambda: _clip(out / "scorer", scorer_data()[0], [sc.caption() for sc in scorer_data()[1]], steps(800),
-                                 11, 64, 3, 4, "scorer", report), out / "scorer" / "config.json"),
+                                 *SCORER_SHAPE, "scorer", report), out / "scorer" / "config.json"),
         "scorer_domain": (lambda: build_domain_clip(out, "scorer_domain", n, n_generated, steps(args.scorer_domain_steps),
                                                     report, data_seed=2, shape=tuple(args.scorer_domain_shape),
                                                     redraws=True), out / "scorer_domain" / "config.json"),

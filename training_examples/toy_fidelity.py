@@ -363,8 +363,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for paths, flag in ((args.scorers, "--scorers"), (args.judge_twins, "--judge_twins")):
         names = [scorer_name(path) for path in paths]
         if len(set(names)) < len(names):  # the report keys models by folder name: one would hide the other
-            clash = sorted({n for n in names if names.count(n) > 1})
-            p.error(f"{flag} has two folders named {clash[0]!r}; the report names each by its folder, so give them "
+            clash = next(n for n in names if names.count(n) > 1)
+            p.error(f"{flag} has two folders named {clash!r}; the report names each by its folder, so give them "
                     "different folder names (a symlink with another name is enough)")
     if args.quick:
         args.subjects, args.methods = args.subjects or ["redblue_ball"], ["dreambooth"]
